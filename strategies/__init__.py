@@ -1,0 +1,42 @@
+"""Federated (distillation) algorithms, one Flower message-API strategy per file.
+
+A strategy is registered by name with ``@STRATEGIES.register("name")``. A file dropped in this
+package whose module name is the strategy's name is imported on first use, so a researcher
+adds an algorithm by adding ``strategies/<name>.py`` and naming it in YAML.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fedkd.registry import Registry
+
+if TYPE_CHECKING:
+    from fedkd.scenario import Scenario
+
+STRATEGIES: Registry[Any] = Registry("strategy")
+
+#: Constructor arguments fedkd fills from the scenario (not settable in ``strategy.params``).
+STRATEGY_CONTEXT_ARGS = ("fraction_train", "min_train_nodes", "min_available_nodes", "seed")
+
+
+def get_strategy(name: str) -> Any:
+    """The strategy class registered as ``name``, importing ``strategies.<name>`` if needed."""
+    if name not in STRATEGIES and name.isidentifier():
+        try:
+            importlib.import_module(f"strategies.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"strategies.{name}":
+                raise
+    return STRATEGIES.get(name, "strategy.name")
+
+
+def build_strategy(scn: Scenario) -> Any:
+    """Instantiate the scenario's strategy with its params and the participation settings."""
+    cls = get_strategy(scn.strategy.name)
+    return cls(fraction_train=scn.clients.fraction, min_train_nodes=scn.clients.min_clients,
+               min_available_nodes=scn.clients.num, seed=scn.seed, **scn.strategy.params)
+
+
+from strategies import fedavg  # noqa: E402,F401  (registers the built-in strategies)

@@ -1,0 +1,200 @@
+"""The Flower ClientApp every engine runs, and the registry of client-side functions.
+
+One ``ClientApp`` serves every algorithm: its handlers are registered per Flower message type
+(``"train"``, ``"train.fedgen"``, ``"query.hello"``, ...) with :func:`client_fn`, so a strategy
+selects the client-side work by the message type it sends, exactly as in a plain Flower app.
+The client finds its data through :class:`WorldSource` (the resolved scenario and the run
+folder), built once per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from fedkd.data.base import TensorSplit
+from fedkd.scenario import TrainConfig, from_dict
+from fedkd.state import StateStore
+from fedkd.train import evaluate, train_supervised
+from fedkd.world import World, cached_world
+
+ClientFn = Callable[[Message, "ClientEnv"], RecordDict]
+CLIENT_FUNCS: dict[str, ClientFn] = {}
+
+
+class ClientDropout(RuntimeError):
+    """Raised when the scenario's failure model makes a sampled client drop out of a round."""
+
+
+def client_fn(message_type: str) -> Callable[[ClientFn], ClientFn]:
+    """Register the client-side handler of a Flower message type (``category[.action]``)."""
+
+    def decorator(fn: ClientFn) -> ClientFn:
+        CLIENT_FUNCS[message_type] = fn
+        return fn
+
+    return decorator
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed derived from integers (scenario seed, round, client, purpose)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+
+
+def train_config_record(cfg: TrainConfig, seed: int, dropout: float = 0.0) -> ConfigRecord:
+    """Local-training hyper-parameters as the ConfigRecord a strategy sends each round."""
+    return ConfigRecord({
+        "lr": cfg.lr, "momentum": cfg.momentum, "weight-decay": cfg.weight_decay,
+        "epochs": cfg.epochs, "steps": cfg.steps or 0, "batch-size": cfg.batch_size,
+        "seed": seed, "dropout": dropout,
+    })
+
+
+def train_config_from(cfg: ConfigRecord) -> TrainConfig:
+    """The inverse of :func:`train_config_record`."""
+    steps = int(cfg.get("steps", 0))
+    return TrainConfig(lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
+                       weight_decay=float(cfg["weight-decay"]), epochs=int(cfg["epochs"]),
+                       steps=steps or None, batch_size=int(cfg["batch-size"]))
+
+
+@dataclass(frozen=True)
+class WorldSource:
+    """How a client process finds the world: the resolved scenario and the run folder."""
+
+    scenario_yaml: str
+    run_dir: str
+
+    def world(self) -> World:
+        """The world, built once per process."""
+        return cached_world(from_dict(yaml.safe_load(self.scenario_yaml)))
+
+    def store(self) -> StateStore:
+        """The run's per-client state store."""
+        return StateStore(f"{self.run_dir}/state")
+
+
+_SKELETONS: dict[str, torch.nn.Module] = {}
+
+
+@dataclass(frozen=True)
+class ClientEnv:
+    """What a client-side handler sees: who it is, its data, the round's config."""
+
+    cid: int
+    world: World
+    store: StateStore
+    config: ConfigRecord
+
+    @property
+    def server_round(self) -> int:
+        """The round this message belongs to."""
+        return int(self.config.get("server-round", 0))
+
+    @property
+    def arch(self) -> str:
+        """This client's model architecture."""
+        return self.world.archs[self.cid]
+
+    @cached_property
+    def data(self) -> TensorSplit:
+        """This client's private training data."""
+        return self.world.client_data(self.cid)
+
+    def seed(self, purpose: int = 0) -> int:
+        """Seed for this client, round and purpose."""
+        return seed_for(int(self.config.get("seed", 0)), self.server_round, self.cid, purpose)
+
+    def model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """This client's architecture loaded with ``state`` (a fresh seeded init if None)."""
+        if state is None:
+            return self.world.new_model(self.arch, seed=self.seed(1))
+        if self.arch not in _SKELETONS:
+            _SKELETONS[self.arch] = self.world.new_model(self.arch, seed=0)
+        model = _SKELETONS[self.arch]
+        model.load_state_dict(state)
+        return model
+
+    def model_from(self, record: ArrayRecord) -> torch.nn.Module:
+        """This client's architecture loaded with the arrays of a message."""
+        return self.model(arrayrecord_to_state_dict(record))
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """Local-training hyper-parameters sent by the strategy."""
+        return train_config_from(self.config)
+
+
+def make_client_app(source: WorldSource) -> ClientApp:
+    """Build the ClientApp serving every registered client function.
+
+    Parameters
+    ----------
+    source : WorldSource
+        Where each process finds its world and state store.
+    """
+    import strategies  # noqa: F401  (registers the built-in strategies' client functions)
+
+    app = ClientApp()
+
+    def dispatch(msg: Message, context: Context) -> Message:
+        kind = msg.metadata.message_type
+        if kind not in CLIENT_FUNCS:
+            raise ValueError(f"no client function for message type {kind!r}")
+        config = msg.content.config_records.get("config", ConfigRecord())
+        env = ClientEnv(cid=int(context.node_config["partition-id"]), world=source.world(),
+                        store=source.store(), config=config)
+        dropout = float(config.get("dropout", 0.0))
+        if kind.startswith("train") and dropout > 0:
+            draw = np.random.default_rng(env.seed(2)).random()
+            if draw < dropout:
+                raise ClientDropout(f"client {env.cid} dropped out in round {env.server_round}")
+        return Message(CLIENT_FUNCS[kind](msg, env), reply_to=msg)
+
+    for kind in ("train", "evaluate", "query"):
+        getattr(app, kind)()(dispatch)
+    for kind in CLIENT_FUNCS:
+        if "." in kind:
+            category, action = kind.split(".", 1)
+            getattr(app, category)(action)(dispatch)
+    return app
+
+
+@client_fn("query.hello")
+def hello(msg: Message, env: ClientEnv) -> RecordDict:
+    """Handshake: who this node is (partition id, architecture, data size, label counts)."""
+    counts = env.world.counts[env.cid]
+    return RecordDict({
+        "metrics": MetricRecord({"partition-id": env.cid, "num-examples": len(env.data),
+                                 "label-counts": [int(c) for c in counts]}),
+        "info": ConfigRecord({"arch": env.arch}),
+    })
+
+
+@client_fn("train")
+def train(msg: Message, env: ClientEnv) -> RecordDict:
+    """FedAvg local update: load the received weights, run local SGD, send weights back."""
+    model = env.model_from(msg.content.array_records["arrays"])
+    data = env.data
+    result = train_supervised(model, data.x, data.y, env.train_config, seed=env.seed())
+    return RecordDict({
+        "arrays": state_dict_to_arrayrecord(model.state_dict()),
+        "metrics": MetricRecord({"num-examples": len(data), "train-loss": result.loss}),
+    })
+
+
+@client_fn("evaluate")
+def evaluate_local(msg: Message, env: ClientEnv) -> RecordDict:
+    """Evaluate the received weights on this client's data."""
+    model = env.model_from(msg.content.array_records["arrays"])
+    loss, acc = evaluate(model, env.data.x, env.data.y)
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(env.data),
+                                                "eval-loss": loss, "eval-acc": acc})})

@@ -1,0 +1,166 @@
+"""Communication accounting and tensor <-> Flower record conversion.
+
+Byte counts are the sizes of the serialized array payloads (``Array.data``), i.e. what a
+Flower message actually carries for its arrays; for NumPy-serialized arrays this includes the
+small ``.npy`` header of each array.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+DIRECTIONS = ("down", "up")
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Serialized payload size of every array in a record.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        Record to measure.
+
+    Returns
+    -------
+    int
+        Sum of ``len(arr.data)`` over the record's arrays.
+    """
+    return sum(len(arr.data) for arr in record.values())
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Serialized array payload of a message's content (metrics and configs are not counted).
+
+    Parameters
+    ----------
+    content : RecordDict
+        Message content.
+
+    Returns
+    -------
+    int
+        Sum of :func:`array_bytes` over all ArrayRecords.
+    """
+    return sum(array_bytes(rec) for rec in content.array_records.values())
+
+
+@dataclass
+class ByteLedger:
+    """Bytes exchanged per round, client and direction (``"down"`` = server to client)."""
+
+    entries: dict[tuple[int, int, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, round: int, client_id: int, direction: str, nbytes: int) -> None:
+        """Add ``nbytes`` to the (round, client, direction) cell.
+
+        Raises
+        ------
+        ValueError
+            When ``direction`` is not ``"down"`` or ``"up"`` or ``nbytes`` is negative.
+        """
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be non-negative, got {nbytes}")
+        self.entries[(int(round), int(client_id), direction)] += int(nbytes)
+
+    def round_totals(self, round: int) -> tuple[int, int]:
+        """Total ``(down, up)`` bytes of one round."""
+        return self._totals(k for k in self.entries if k[0] == round)
+
+    def per_client(self, round: int) -> dict[int, tuple[int, int]]:
+        """``{client_id: (down, up)}`` for one round, sorted by client id."""
+        cids = sorted({cid for r, cid, _ in self.entries if r == round})
+        return {
+            cid: (
+                self.entries.get((round, cid, "down"), 0),
+                self.entries.get((round, cid, "up"), 0),
+            )
+            for cid in cids
+        }
+
+    def cumulative(self) -> tuple[int, int]:
+        """Total ``(down, up)`` bytes over all rounds."""
+        return self._totals(self.entries)
+
+    def _totals(self, keys: Iterable[tuple[int, int, str]]) -> tuple[int, int]:
+        """Sum ``(down, up)`` over the given entry keys."""
+        down = up = 0
+        for key in keys:
+            if key[2] == "down":
+                down += self.entries[key]
+            else:
+                up += self.entries[key]
+        return down, up
+
+
+def _key(prefix: str, name: str) -> str:
+    """``"<prefix>.<name>"``, or ``name`` without a prefix."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def state_dict_to_arrayrecord(sd: dict[str, torch.Tensor], prefix: str = "") -> ArrayRecord:
+    """Convert a state dict to an ArrayRecord, preserving dtypes.
+
+    Parameters
+    ----------
+    sd : dict[str, torch.Tensor]
+        Tensors by name.
+    prefix : str
+        When non-empty, keys become ``"<prefix>.<name>"``.
+
+    Returns
+    -------
+    ArrayRecord
+        One NumPy-serialized Array per tensor, in the state dict's order.
+    """
+    record = ArrayRecord()
+    for name, tensor in sd.items():
+        record[_key(prefix, name)] = Array(tensor.detach().cpu().contiguous().numpy())
+    return record
+
+
+def arrayrecord_to_state_dict(rec: ArrayRecord, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Convert an ArrayRecord back to tensors.
+
+    Parameters
+    ----------
+    rec : ArrayRecord
+        Record of NumPy-serialized Arrays.
+    prefix : str
+        When non-empty, only keys ``"<prefix>.<name>"`` are returned, as ``name``.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        Writable CPU tensors with the original dtypes and shapes.
+    """
+    start = f"{prefix}." if prefix else ""
+    return {
+        key[len(start) :]: torch.from_numpy(np.array(arr.numpy(), copy=True))
+        for key, arr in rec.items()
+        if key.startswith(start)
+    }
+
+
+def split_groups(arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+    """Split ``"<arch>.<param>"`` keys into one ArrayRecord per architecture (keys stripped).
+
+    Heterogeneous model groups travel as one ArrayRecord whose keys carry the architecture.
+    """
+    groups: dict[str, dict[str, Array]] = {}
+    for key, arr in arrays.items():
+        arch, name = key.split(".", 1)
+        groups.setdefault(arch, {})[name] = arr
+    return {arch: ArrayRecord(items) for arch, items in groups.items()}
+
+
+def join_groups(groups: dict[str, ArrayRecord]) -> ArrayRecord:
+    """Inverse of :func:`split_groups`."""
+    return ArrayRecord({f"{arch}.{k}": v for arch, rec in groups.items() for k, v in rec.items()})

@@ -1,0 +1,198 @@
+"""RayGrid: a Flower ``Grid`` over a pool of Ray actors running the fedkd ClientApp.
+
+Each round's messages are grouped into ONE batch per actor (balanced by client data size)
+and sent as one Ray call, instead of one call per message: at 100 trivial clients that is a
+few milliseconds per round, against ~0.3 s for Flower's own polling simulation engine.
+The world (dataset tensors, partitions) goes into Ray's object store once and every actor
+receives it at start-up. Replies come back in the order the messages were sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import ray
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.typing import Run
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.client import WorldSource, make_client_app
+from fedkd.world import World, install_world
+
+#: Node ids are ``NODE_BASE + partition id`` (kept clear of Flower's reserved ids).
+NODE_BASE = 1 << 20
+RUN_ID = 1
+SERVER_NODE_ID = 1
+ERROR_CODE_CLIENT = 3  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def set_task_identity(node_id: int) -> None:
+    """Give this process the Flower task identity that ``Message(...)`` requires."""
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.node_id = node_id
+    TaskIdentity.task_id = 1
+
+
+def run_batch(app: object, batch: Sequence[tuple[int, Message]],
+              num_clients: int) -> list[Message]:
+    """Run the ClientApp on each ``(partition id, message)``; exceptions become error replies."""
+    replies = []
+    for cid, msg in batch:
+        ctx = Context(run_id=RUN_ID, node_id=NODE_BASE + cid,
+                      node_config={"partition-id": cid, "num-partitions": num_clients},
+                      state=RecordDict(), run_config={})
+        try:
+            replies.append(app(msg, ctx))  # type: ignore[operator]
+        except Exception as exc:  # noqa: BLE001 - a failing client must not stop the run
+            replies.append(Message(Error(ERROR_CODE_CLIENT, f"{type(exc).__name__}: {exc}"),
+                                   reply_to=msg))
+    return replies
+
+
+@ray.remote
+class ClientActor:
+    """A worker process that runs batches of client messages through the ClientApp."""
+
+    def __init__(self, world: World, source: WorldSource, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        install_world(world)
+        set_task_identity(SERVER_NODE_ID)
+        self.app = make_client_app(source)
+        self.num_clients = world.num_clients
+
+    def run(self, batch: list[tuple[int, Message]]) -> list[Message]:
+        """Process one batch of messages in order."""
+        return run_batch(self.app, batch, self.num_clients)
+
+    def ready(self) -> bool:
+        """Return once the actor is constructed."""
+        return True
+
+
+def balance(costs: Sequence[float], bins: int) -> list[list[int]]:
+    """Greedy longest-processing-time assignment of item indices to ``bins`` workers."""
+    loads = [0.0] * bins
+    out: list[list[int]] = [[] for _ in range(bins)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        b = min(range(bins), key=lambda j: (loads[j], j))
+        out[b].append(i)
+        loads[b] += costs[i]
+    return [sorted(o) for o in out]
+
+
+class RayGrid(Grid):
+    """A Flower Grid whose nodes are the scenario's clients, executed by Ray actors.
+
+    Parameters
+    ----------
+    world : World
+        The simulated world (put into Ray's object store once).
+    source : WorldSource
+        Scenario and run folder, for the actors' ClientApp.
+    actors : int
+        Number of actor processes.
+    num_cpus, num_gpus : float
+        Ray resources per actor (fractional GPUs allowed).
+    threads : int
+        Torch threads per actor.
+    """
+
+    def __init__(self, world: World, source: WorldSource, actors: int, num_cpus: float = 1.0,
+                 num_gpus: float = 0.0, threads: int = 1) -> None:
+        set_task_identity(SERVER_NODE_ID)
+        self.num_clients = world.num_clients
+        self.costs = [max(len(p), 1) for p in world.parts]
+        ref = ray.put(world)
+        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self.actors = [ClientActor.options(**opts).remote(ref, source, threads)
+                       for _ in range(actors)]
+        ray.get([a.ready.remote() for a in self.actors])
+        self._run = Run.create_empty(run_id=RUN_ID)
+        self._ids = itertools.count(1)
+        self._inbox: dict[str, Message] = {}
+
+    # ---------------------------------------------------------------- Grid interface
+    def set_run(self, run: Run) -> None:
+        """Set the run (kept for the Grid interface)."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """Run information."""
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        """Create an instruction message from the server."""
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """All client node ids."""
+        return [NODE_BASE + cid for cid in range(self.num_clients)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run the messages now; their replies wait to be pulled by message id."""
+        msgs = list(messages)
+        ids = [self._assign_id(m) for m in msgs]
+        for mid, reply in zip(ids, self._execute(msgs, None), strict=True):
+            if reply is not None:
+                self._inbox[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Replies of earlier pushed messages that have arrived."""
+        return [self._inbox.pop(m) for m in message_ids if m in self._inbox]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Send messages, wait for the replies (at most ``timeout`` s), in sending order."""
+        msgs = list(messages)
+        for m in msgs:
+            self._assign_id(m)
+        return [r for r in self._execute(msgs, timeout) if r is not None]
+
+    # ---------------------------------------------------------------- execution
+    def _assign_id(self, msg: Message) -> str:
+        mid = f"m{next(self._ids)}"
+        msg.metadata.__dict__["_message_id"] = mid
+        return mid
+
+    def _execute(self, msgs: list[Message], timeout: float | None) -> list[Message | None]:
+        if not msgs:
+            return []
+        cids = [m.metadata.dst_node_id - NODE_BASE for m in msgs]
+        plan = balance([self.costs[c] for c in cids], min(len(self.actors), len(msgs)))
+        futures = {self.actors[b].run.remote([(cids[i], msgs[i]) for i in idx]): idx
+                   for b, idx in enumerate(plan) if idx}
+        replies: list[Message | None] = [None] * len(msgs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(futures)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=left)
+            for fut in done:
+                idx = futures[fut]
+                try:
+                    out = ray.get(fut)
+                except ray.exceptions.RayError as exc:
+                    out = [Message(Error(ERROR_CODE_CLIENT, f"worker failed: {exc}"),
+                                   reply_to=msgs[i]) for i in idx]
+                for i, reply in zip(idx, out, strict=True):
+                    replies[i] = reply
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return replies
+
+    def shutdown(self) -> None:
+        """Stop the actors."""
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,425 @@
+"""Scenario: the YAML a researcher writes, parsed once into frozen dataclasses.
+
+Every field is typed; the parser checks unknown keys, types and ranges and raises a
+:class:`~fedkd.errors.ScenarioError` naming the key path, the bad value and what is allowed.
+``--set a.b.c=value`` overrides are applied to the raw mapping before parsing, with the value
+typed by YAML (``0.1`` is a float, ``true`` a bool, ``[1, 2]`` a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedkd.errors import ScenarioError
+
+
+def _check(pred: Callable[[Any], bool], allowed: str) -> dict[str, Any]:
+    """Field metadata: a range check and its description."""
+    return {"check": (pred, allowed)}
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 < v <= 1
+
+
+def _unit_interval(v: float) -> bool:
+    return 0 <= v < 1
+
+
+@dataclass(frozen=True)
+class PublicConfig:
+    """Public / proxy data for distillation (a held-out part of train, or another dataset)."""
+
+    fraction: float = field(default=0.0, metadata=_check(_unit_interval, "a number in [0, 1)"))
+    labeled: bool = False
+    dataset: str | None = None
+    size: int | None = field(default=None, metadata=_check(_positive, "an integer > 0"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives and how the train set is split."""
+
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = field(default=0.0, metadata=_check(_unit_interval, "a number in [0, 1)"))
+    public: PublicConfig = PublicConfig()
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the client pool is split across clients (a registered partitioner and its params)."""
+
+    name: str = "dirichlet"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model family and the fraction of clients that run it."""
+
+    arch: str = "cnn_small"
+    fraction: float = field(default=1.0, metadata=_check(_fraction, "a number in (0, 1]"))
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training: SGD with momentum and weight decay, for epochs or a fixed step count."""
+
+    lr: float = field(default=0.05, metadata=_check(_positive, "a number > 0"))
+    momentum: float = field(default=0.9, metadata=_check(_unit_interval, "a number in [0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    epochs: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+    steps: int | None = field(default=None, metadata=_check(_positive, "an integer > 0"))
+    batch_size: int = field(default=32, metadata=_check(_positive, "an integer > 0"))
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """The client population: how many, who takes part, which models, how they train."""
+
+    num: int = field(default=10, metadata=_check(_positive, "an integer > 0"))
+    fraction: float = field(default=1.0, metadata=_check(_fraction, "a number in (0, 1]"))
+    min_clients: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+    models: tuple[ModelSpec, ...] = (ModelSpec(),)
+    train: TrainConfig = TrainConfig()
+    dropout: float = field(default=0.0, metadata=_check(_unit_interval, "a number in [0, 1)"))
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The algorithm: a registered strategy name and its constructor keyword arguments."""
+
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray resources of one client actor."""
+
+    num_cpus: float = field(default=1.0, metadata=_check(_positive, "a number > 0"))
+    num_gpus: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which runtime executes the clients and with how many workers."""
+
+    name: Literal["ray", "flower"] = "ray"
+    actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    client_resources: Resources = Resources()
+    ray_address: str | None = None
+    threads: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server-side work: evaluation batch size, teacher ensemble actors."""
+
+    eval_batch_size: int = field(default=1024, metadata=_check(_positive, "an integer > 0"))
+    teacher_actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where runs are written."""
+
+    dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A whole simulation, parsed from YAML."""
+
+    name: str = "scenario"
+    seed: int = 0
+    rounds: int = field(default=10, metadata=_check(_positive, "an integer > 0"))
+    eval_every: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    clients: ClientsConfig = ClientsConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    output: OutputConfig = OutputConfig()
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the type ``tp`` and return it in that type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, path)
+            except ScenarioError:
+                continue
+        raise ScenarioError(path, value, _type_name(tp))
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ScenarioError(path, value, _type_name(tp))
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ScenarioError(path, value, "null")
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ScenarioError(path, value, _type_name(tp))
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(item, v, f"{path}.{i}") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ScenarioError(path, value, "a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ScenarioError(path, value, _type_name(tp))
+
+
+def parse_dataclass(cls: type, raw: Any, path: str = "") -> Any:
+    """Build the frozen dataclass ``cls`` from a raw mapping, checking keys, types and ranges.
+
+    Parameters
+    ----------
+    cls : type
+        A dataclass type.
+    raw : Any
+        The mapping read from YAML (``None`` means all defaults).
+    path : str
+        Key path of ``raw`` in the scenario, for error messages.
+    """
+    raw = {} if raw is None else raw
+    where = path or "scenario"
+    if not isinstance(raw, Mapping):
+        raise ScenarioError(where, raw, "a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ScenarioError(f"{path}.{key}" if path else str(key), raw[key],
+                                f"a known key: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key_path = f"{path}.{name}" if path else name
+        value = _coerce(hints[name], raw[name], key_path)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check[0](value):
+            raise ScenarioError(key_path, raw[name], check[1])
+        values[name] = value
+    return cls(**values)
+
+
+def check_kwargs(fn: Callable[..., Any], params: Mapping[str, Any], path: str,
+                 skip: Sequence[str] = ()) -> None:
+    """Check that ``params`` are keyword arguments ``fn`` accepts, with the annotated types.
+
+    Parameters
+    ----------
+    fn : Callable
+        A registered component (function or class).
+    params : Mapping
+        Keyword arguments from YAML.
+    path : str
+        Key path of ``params``, e.g. ``strategy.params``.
+    skip : Sequence[str]
+        Arguments the framework passes itself (not settable from YAML).
+    """
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    sig = inspect.signature(target)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    allowed = [n for n, p in sig.parameters.items()
+               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               and p.default is not p.empty and n not in skip]
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolvable annotations only disable type checks
+        hints = {}
+    for key, value in params.items():
+        if key not in allowed:
+            if accepts_any and key not in skip:
+                continue
+            raise ScenarioError(f"{path}.{key}", value, f"a known key: {sorted(allowed)}")
+        if key in hints:
+            _coerce(hints[key], value, f"{path}.{key}")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to the raw scenario mapping, in place.
+
+    Raises
+    ------
+    ScenarioError
+        If the assignment has no ``=`` or walks through a value that is not a mapping/list.
+    """
+    if "=" not in assignment:
+        raise ScenarioError("--set", assignment, "KEY.PATH=VALUE")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    value = yaml.safe_load(text) if text.strip() else None
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ScenarioError(here, part, f"an index below {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ScenarioError(".".join(parts[:i]), node, "a mapping to set keys in")
+        if last:
+            node[part] = value
+            return
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a scenario file with ``yaml.safe_load`` (never ``yaml.load``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScenarioError("SCENARIO", str(path), "an existing YAML file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "file"
+        raise ScenarioError(f"{p.name} ({where})", "invalid YAML", "valid YAML") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ScenarioError("scenario", raw, "a mapping at the top level")
+    raw.setdefault("name", p.stem)
+    return raw
+
+
+def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
+    """Load, override and validate a scenario file.
+
+    Parameters
+    ----------
+    path : str or Path
+        YAML file.
+    overrides : Sequence[str]
+        ``a.b.c=value`` assignments applied in order.
+    """
+    raw = load_raw(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw)
+
+
+def from_dict(raw: Mapping[str, Any]) -> Scenario:
+    """Parse and validate a raw scenario mapping (including registered component params)."""
+    scn = parse_dataclass(Scenario, raw)
+    validate_components(scn)
+    return scn
+
+
+def validate_components(scn: Scenario) -> None:
+    """Check cross-field rules and every registered name and its params."""
+    from fedkd.data.datasets import DATASETS
+    from fedkd.data.partition import PARTITIONERS
+    from fedkd.models import MODELS
+    from strategies import STRATEGY_CONTEXT_ARGS, get_strategy
+
+    loader = DATASETS.get(scn.data.name, "data.name")
+    check_kwargs(loader, scn.data.params, "data.params", skip=("root", "download", "seed"))
+    if scn.data.public.dataset is not None:
+        DATASETS.get(scn.data.public.dataset, "data.public.dataset")
+    if scn.data.val_fraction + scn.data.public.fraction >= 1:
+        raise ScenarioError("data.public.fraction", scn.data.public.fraction,
+                            f"a number below {1 - scn.data.val_fraction:g} "
+                            "(val_fraction + public.fraction must leave data for clients)")
+    part = PARTITIONERS.get(scn.partition.name, "partition.name")
+    check_kwargs(part, scn.partition.params, "partition.params",
+                 skip=("labels", "num_clients", "num_classes", "seed"))
+    if not scn.clients.models:
+        raise ScenarioError("clients.models", [], "at least one model spec")
+    total = sum(m.fraction for m in scn.clients.models)
+    if abs(total - 1.0) > 1e-6:
+        raise ScenarioError("clients.models", [m.fraction for m in scn.clients.models],
+                            "fractions that sum to 1")
+    for i, spec in enumerate(scn.clients.models):
+        builder = MODELS.get(spec.arch, f"clients.models.{i}.arch")
+        check_kwargs(builder, spec.params, f"clients.models.{i}.params",
+                     skip=("input_shape", "num_classes"))
+    if scn.clients.min_clients > scn.clients.num:
+        raise ScenarioError("clients.min_clients", scn.clients.min_clients,
+                            f"an integer <= clients.num ({scn.clients.num})")
+    strategy = get_strategy(scn.strategy.name)
+    check_kwargs(strategy, scn.strategy.params, "strategy.params", skip=STRATEGY_CONTEXT_ARGS)
+
+
+def to_dict(scn: Scenario) -> dict[str, Any]:
+    """The resolved scenario as plain YAML-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(scn))
+
+
+def dump(scn: Scenario) -> str:
+    """The resolved scenario as YAML text."""
+    return yaml.safe_dump(to_dict(scn), sort_keys=False)

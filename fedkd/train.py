@@ -1,0 +1,158 @@
+"""The one training loop and evaluation every algorithm calls.
+
+Data are in-memory tensors indexed by seeded permutations (no DataLoader, no per-sample
+transforms), so a client's local update is a tight loop of ``index -> forward -> step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedkd.scenario import TrainConfig
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one call of :func:`fit` did."""
+
+    loss: float
+    steps: int
+    examples: int
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, epochs: int = 1,
+                  steps: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield index batches: a fresh seeded permutation per epoch.
+
+    Parameters
+    ----------
+    n : int
+        Number of samples.
+    batch_size : int
+        Samples per batch (the last batch of an epoch may be smaller, never of size 1
+        when ``n > 1``, which BatchNorm cannot train on).
+    generator : torch.Generator
+        Seeded generator: the same seed gives the same batches.
+    epochs : int
+        Passes over the data, used when ``steps`` is None.
+    steps : int, optional
+        Exact number of batches, cycling through fresh permutations.
+    """
+    if n == 0:
+        return
+    done = 0
+    epoch = 0
+    while (steps is None and epoch < epochs) or (steps is not None and done < steps):
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            if len(idx) == 1 and n > 1:
+                continue
+            yield idx
+            done += 1
+            if steps is not None and done >= steps:
+                return
+        epoch += 1
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer,
+        batches: Iterator[torch.Tensor], step_loss: Callable[[torch.Tensor], torch.Tensor],
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> FitResult:
+    """Run optimisation steps: for each index batch, ``loss = step_loss(idx)``, backward, step.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model being trained (put in train mode).
+    optimizer : torch.optim.Optimizer
+        Its optimizer.
+    batches : Iterator[torch.Tensor]
+        Index batches, e.g. from :func:`batch_indices`.
+    step_loss : Callable
+        Maps an index batch to a scalar loss (the algorithm's objective).
+    scheduler : LRScheduler, optional
+        Stepped once per batch.
+    """
+    model.train()
+    total, steps, examples = 0.0, 0, 0
+    for idx in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = step_loss(idx)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * len(idx)
+        examples += len(idx)
+        steps += 1
+    return FitResult(loss=total / max(examples, 1), steps=steps, examples=examples)
+
+
+def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """The local optimizer: SGD with momentum and weight decay from the scenario."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def train_supervised(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                     seed: int,
+                     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     ) -> FitResult:
+    """Local supervised training: cross-entropy plus an optional algorithm-specific term.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Client model, trained in place.
+    x, y : torch.Tensor
+        The client's data.
+    cfg : TrainConfig
+        Optimiser and schedule.
+    seed : int
+        Seeds the batch order.
+    extra_loss : Callable, optional
+        ``extra_loss(idx, logits) -> Tensor`` added to the cross-entropy (e.g. FedGen's
+        generator regulariser or a mutual-learning KL term).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        logits = model(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        if extra_loss is not None:
+            loss = loss + extra_loss(idx, logits)
+        return loss
+
+    batches = batch_indices(len(y), cfg.batch_size, gen, epochs=cfg.epochs, steps=cfg.steps)
+    return fit(model, sgd(model, cfg), batches, step_loss)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, batched."""
+    model.eval()
+    if len(x) == 0:
+        return torch.empty(0)
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``.
+
+    Returns
+    -------
+    tuple[float, float]
+        ``(loss, accuracy)``; ``(nan, nan)`` on empty data.
+    """
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    logits = predict(model, x, batch_size)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return loss, acc

@@ -1,0 +1,200 @@
+"""FedAvg: Communication-Efficient Learning of Deep Networks from Decentralized Data.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas, AISTATS 2017.
+
+Flower's message-API ``FedAvg`` with what a simulator needs and every fedkd strategy inherits:
+
+- a one-off handshake (``query.hello``) that learns each node's partition id, architecture,
+  data size and label counts, so sampling is seeded over partition ids and reproducible on any
+  engine;
+- heterogeneous model groups: the global ``ArrayRecord`` holds one model per architecture with
+  keys ``"<arch>.<param>"``; each client receives its group's model and the server averages
+  per group (weighted by ``num-examples``), keeping integer buffers' dtypes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from fedkd.comm import join_groups, split_groups
+from strategies import STRATEGIES
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the handshake tells the server about one node."""
+
+    node_id: int
+    cid: int
+    arch: str
+    num_examples: int
+    label_counts: tuple[int, ...]
+
+
+def weighted_average(records: Sequence[ArrayRecord], weights: Sequence[float]) -> ArrayRecord:
+    """Weighted mean of ArrayRecords with identical keys, accumulated in float64.
+
+    Each result keeps its input's dtype (integer buffers such as BatchNorm's
+    ``num_batches_tracked`` are rounded back to integers).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    out: dict[str, Array] = {}
+    for key in records[0]:
+        first = records[0][key].numpy()
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for rec, wi in zip(records, w, strict=True):
+            acc += wi * rec[key].numpy()
+        if np.issubdtype(first.dtype, np.integer):
+            acc = np.rint(acc)
+        out[key] = Array(acc.astype(first.dtype))
+    return ArrayRecord(out)
+
+
+@STRATEGIES.register("fedavg")
+class FedAvg(FlowerFedAvg):
+    """Federated averaging with seeded sampling and per-architecture groups.
+
+    Parameters
+    ----------
+    fraction_train : float
+        Fraction of clients sampled per round.
+    min_train_nodes : int
+        Minimum number of clients per round.
+    min_available_nodes : int
+        Nodes to wait for before the handshake.
+    seed : int
+        Seeds client sampling (with the round number).
+    fraction_evaluate : float
+        Fraction of clients running federated evaluation (0 disables it; fedkd evaluates
+        the global model centrally on the test set).
+    """
+
+    def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
+                 min_available_nodes: int = 1, seed: int = 0,
+                 fraction_evaluate: float = 0.0) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes,
+                         min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
+                         min_available_nodes=min_available_nodes)
+        self.seed = seed
+        self.nodes: list[NodeInfo] = []
+        self.current: dict[str, ArrayRecord] = {}
+        self.failures: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ nodes and sampling
+    def discover(self, grid: Grid, timeout: float = 120.0) -> list[NodeInfo]:
+        """Handshake with every node once; returns nodes ordered by partition id."""
+        if self.nodes:
+            return self.nodes
+        deadline = time.monotonic() + timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(node_ids)} of {self.min_available_nodes} "
+                                   "nodes connected")
+            time.sleep(0.05)
+        msgs = [Message(RecordDict({"config": ConfigRecord({"seed": self.seed})}),
+                        dst_node_id=nid, message_type=f"{MessageType.QUERY}.hello")
+                for nid in node_ids]
+        infos = []
+        for reply in grid.send_and_receive(msgs):
+            if reply.has_error():
+                continue
+            m = reply.content.metric_records["metrics"]
+            infos.append(NodeInfo(node_id=reply.metadata.src_node_id, cid=int(m["partition-id"]),
+                                  arch=str(reply.content.config_records["info"]["arch"]),
+                                  num_examples=int(m["num-examples"]),
+                                  label_counts=tuple(int(c) for c in m["label-counts"])))
+        self.nodes = sorted(infos, key=lambda n: n.cid)
+        return self.nodes
+
+    def node(self, node_id: int) -> NodeInfo:
+        """Handshake info of a node id."""
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def sample(self, grid: Grid, server_round: int, fraction: float,
+               minimum: int) -> list[NodeInfo]:
+        """Seeded sample of ``max(int(N * fraction), minimum)`` nodes, in partition order."""
+        nodes = self.discover(grid)
+        k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        rng = np.random.default_rng([self.seed, server_round])
+        chosen = np.sort(rng.choice(len(nodes), size=k, replace=False))
+        return [nodes[i] for i in chosen]
+
+    # ------------------------------------------------------------------ training
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send each sampled client its architecture group's model and the round's config."""
+        if self.fraction_train == 0.0:
+            return []
+        self.current = split_groups(arrays)
+        nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        return self.train_messages(server_round, nodes, config)
+
+    def train_messages(self, server_round: int, nodes: Sequence[NodeInfo],
+                       config: ConfigRecord) -> list[Message]:
+        """One train message per node; nodes of one group share one RecordDict."""
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        contents = {arch: RecordDict({"arrays": rec, "config": config})
+                    for arch, rec in self.current.items()}
+        return [Message(contents[n.arch], dst_node_id=n.node_id,
+                        message_type=MessageType.TRAIN, group_id=str(server_round))
+                for n in nodes]
+
+    def split_replies(self, server_round: int,
+                      replies: Iterable[Message]) -> list[Message]:
+        """Replies without errors; errors are counted in ``self.failures[server_round]``."""
+        replies = list(replies)
+        ok = [r for r in replies if not r.has_error()]
+        self.failures[server_round] = len(replies) - len(ok)
+        return ok
+
+    def aggregate_groups(self, replies: Sequence[Message]) -> dict[str, ArrayRecord]:
+        """FedAvg per architecture; a group with no reply keeps its current model."""
+        groups = dict(self.current)
+        by_arch: dict[str, list[Message]] = {}
+        for r in replies:
+            by_arch.setdefault(self.node(r.metadata.src_node_id).arch, []).append(r)
+        for arch, rs in by_arch.items():
+            groups[arch] = weighted_average(
+                [r.content.array_records["arrays"] for r in rs],
+                [float(r.content.metric_records["metrics"]["num-examples"]) for r in rs])
+        return groups
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the returned weights per group and the train metrics by example count."""
+        ok = self.split_replies(server_round, replies)
+        if not ok:
+            return None, None
+        groups = self.aggregate_groups(ok)
+        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
+        return join_groups(groups), metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation on a seeded sample (off unless ``fraction_evaluate > 0``)."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        groups = split_groups(arrays)
+        nodes = self.sample(grid, -server_round, self.fraction_evaluate, self.min_evaluate_nodes)
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        return [Message(RecordDict({"arrays": groups[n.arch], "config": config}),
+                        dst_node_id=n.node_id, message_type=MessageType.EVALUATE,
+                        group_id=str(server_round)) for n in nodes]
