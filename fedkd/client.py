@@ -72,9 +72,12 @@ class WorldSource:
 
     scenario_yaml: str
     run_dir: str
+    threads: int = 1
 
     def world(self) -> World:
-        """The world, built once per process."""
+        """The world, built once per process (which also pins torch's thread count)."""
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         return cached_world(from_dict(yaml.safe_load(self.scenario_yaml)))
 
     def store(self) -> StateStore:

@@ -10,13 +10,12 @@ receives it at start-up. Replies come back in the order the messages were sent.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable, Sequence
 
 import ray
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.typing import Run
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -57,11 +56,7 @@ def run_batch(app: object, batch: Sequence[tuple[int, Message]],
 class ClientActor:
     """A worker process that runs batches of client messages through the ClientApp."""
 
-    def __init__(self, world: World, source: WorldSource, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+    def __init__(self, world: World, source: WorldSource) -> None:
         install_world(world)
         set_task_identity(SERVER_NODE_ID)
         self.app = make_client_app(source)
@@ -100,18 +95,16 @@ class RayGrid(Grid):
         Number of actor processes.
     num_cpus, num_gpus : float
         Ray resources per actor (fractional GPUs allowed).
-    threads : int
-        Torch threads per actor.
     """
 
     def __init__(self, world: World, source: WorldSource, actors: int, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, threads: int = 1) -> None:
+                 num_gpus: float = 0.0) -> None:
         set_task_identity(SERVER_NODE_ID)
         self.num_clients = world.num_clients
         self.costs = [max(len(p), 1) for p in world.parts]
         ref = ray.put(world)
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        self.actors = [ClientActor.options(**opts).remote(ref, source, threads)
+        self.actors = [ClientActor.options(**opts).remote(ref, source)
                        for _ in range(actors)]
         ray.get([a.ready.remote() for a in self.actors])
         self._run = Run.create_empty(run_id=RUN_ID)

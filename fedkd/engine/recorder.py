@@ -1,0 +1,118 @@
+"""The run folder: resolved scenario, partition report, per-round Parquet rows, plots, summary.
+
+Rows are written as each round ends, so a killed run keeps its finished rounds. A progress bar
+shows round, accuracy and MB; with a metrics port, a Prometheus endpoint on 127.0.0.1 exposes
+the same while the run goes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from fedkd.engine.runner import RoundResult
+from fedkd.record import ParquetLog, PromExporter, plot_accuracy, plot_partition
+from fedkd.scenario import dump
+from fedkd.world import World
+
+
+def write_partition(world: World, run_dir: Path) -> None:
+    """``partition.parquet`` (one row per client: arch, size, count per class) and its heat-map."""
+    counts = world.counts
+    table = {"client": list(range(world.num_clients)), "arch": list(world.archs),
+             "num_examples": [int(c.sum()) for c in counts]}
+    for k in range(counts.shape[1]):
+        table[f"class_{k}"] = [int(v) for v in counts[:, k]]
+    pq.write_table(pa.table(table), run_dir / "partition.parquet")
+    plot_partition(counts, run_dir / "partition.png",
+                   f"{world.scenario.name}: {world.scenario.partition.name} partition")
+
+
+class RunRecorder:
+    """Receives each finished round and keeps the run folder up to date.
+
+    Parameters
+    ----------
+    world : World
+        The simulated world.
+    run_dir : Path
+        The run folder (created by the caller).
+    cid_of : Callable[[int], int]
+        Maps a Flower node id to the client (partition) id.
+    metrics_port : int, optional
+        Serve Prometheus metrics on ``127.0.0.1:<port>``.
+    progress : bool
+        Show a progress bar.
+    """
+
+    def __init__(self, world: World, run_dir: Path, cid_of: Callable[[int], int],
+                 metrics_port: int | None = None, progress: bool = True) -> None:
+        self.world = world
+        self.run_dir = run_dir
+        self.cid_of = cid_of
+        (run_dir / "scenario.yaml").write_text(dump(world.scenario))
+        write_partition(world, run_dir)
+        self.metrics = ParquetLog(run_dir / "metrics.parquet")
+        self.clients = ParquetLog(run_dir / "clients.parquet")
+        self.prom = PromExporter(metrics_port) if metrics_port else None
+        self.bar = tqdm(total=world.scenario.rounds, desc=world.scenario.name, unit="round",
+                        disable=not progress, dynamic_ncols=True)
+        self.cum = [0, 0]
+        self.start = time.perf_counter()
+
+    def __call__(self, res: RoundResult) -> None:
+        """Record one finished round."""
+        down = sum(t.down for t in res.traffic.values())
+        up = sum(t.up for t in res.traffic.values())
+        self.cum[0] += down
+        self.cum[1] += up
+        row: dict[str, Any] = {"round": res.round, **res.eval_metrics}
+        row.update({
+            "train_loss": res.train_metrics.get("train-loss"),
+            "bytes_down": down, "bytes_up": up,
+            "bytes_down_cum": self.cum[0], "bytes_up_cum": self.cum[1],
+            "participants": sum(1 for t in res.traffic.values() if t.metrics),
+            "failures": sum(1 for t in res.traffic.values() if t.failed),
+            "wall_s": res.seconds, "elapsed_s": time.perf_counter() - self.start,
+        })
+        self.metrics.append(row)
+        self.clients.extend([
+            {"round": res.round, "client": self.cid_of(nid), "arch": self.world.archs[
+                self.cid_of(nid)], "bytes_down": t.down, "bytes_up": t.up, "failed": t.failed,
+             "train_loss": t.metrics.get("train-loss"),
+             "num_examples": t.metrics.get("num-examples")}
+            for nid, t in sorted(res.traffic.items(), key=lambda kv: self.cid_of(kv[0]))])
+        if self.prom is not None:
+            self.prom.update(res.round, row.get("acc"), row.get("loss"), down, up)
+        acc = row.get("acc")
+        shown = [f"acc={acc:.4f}"] if acc is not None else []
+        self.bar.set_postfix_str(" ".join([*shown, f"MB={sum(self.cum) / 1e6:.2f}"]))
+        self.bar.update(1)
+
+    def close(self, status: str) -> dict[str, Any]:
+        """Write ``summary.json`` and ``accuracy.png``; return the summary."""
+        self.bar.close()
+        if self.prom is not None:
+            self.prom.close()
+        rows = self.metrics.rows
+        accs = [r["acc"] for r in rows if r.get("acc") is not None and not math.isnan(r["acc"])]
+        summary = {
+            "scenario": self.world.scenario.name, "status": status,
+            "rounds": len(rows), "final_acc": accs[-1] if accs else None,
+            "best_acc": max(accs) if accs else None,
+            "mb_sent": sum(self.cum) / 1e6, "mb_down": self.cum[0] / 1e6,
+            "mb_up": self.cum[1] / 1e6,
+            "wall_s": time.perf_counter() - self.start, "run_dir": str(self.run_dir),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if rows:
+            plot_accuracy(rows, self.run_dir / "accuracy.png")
+        return summary

@@ -1,0 +1,211 @@
+"""The round loop, owned once: sample -> train -> aggregate -> evaluate -> record.
+
+It drives any Flower message-API strategy over any Flower ``Grid`` (fedkd's RayGrid or
+Flower's own simulation grid) the way ``Strategy.start`` does, and adds what a simulator
+needs: exact byte accounting of every message, deterministic reply order, centralized test
+evaluation every ``eval_every`` rounds and a per-round callback for the run records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+from fedkd.client import train_config_record
+from fedkd.comm import arrayrecord_to_state_dict, message_bytes, split_groups
+from fedkd.train import evaluate
+from fedkd.world import World
+
+
+@dataclass
+class Traffic:
+    """What crossed the network for one node in one round."""
+
+    down: int = 0
+    up: int = 0
+    failed: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class AccountingGrid(Grid):
+    """Wraps a Grid: counts every message's array bytes per node and orders replies.
+
+    Replies are returned in the order the messages were sent, whatever order the inner grid
+    delivered them in, so aggregation is deterministic on every engine.
+    """
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.traffic: dict[int, Traffic] = {}
+
+    def reset(self) -> dict[int, Traffic]:
+        """Return this round's traffic and start a new round."""
+        out, self.traffic = self.traffic, {}
+        return out
+
+    def _node(self, node_id: int) -> Traffic:
+        return self.traffic.setdefault(node_id, Traffic())
+
+    def set_run(self, run: Run) -> None:
+        """Delegate to the inner grid."""
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegate to the inner grid."""
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        """Delegate to the inner grid."""
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegate to the inner grid."""
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Count and push."""
+        msgs = list(messages)
+        self._count_down(msgs)
+        return self.inner.push_messages(msgs)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull and count."""
+        replies = list(self.inner.pull_messages(message_ids))
+        self._count_up(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Count, send, count, and order the replies as the messages were sent."""
+        msgs = list(messages)
+        if not msgs:
+            return []
+        self._count_down(msgs)
+        replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
+        self._count_up(replies)
+        order = {m.metadata.dst_node_id: i for i, m in enumerate(msgs)}
+        return sorted(replies, key=lambda r: order.get(r.metadata.src_node_id, len(order)))
+
+    def _count_down(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            self._node(m.metadata.dst_node_id).down += message_bytes(m.content)
+
+    def _count_up(self, replies: list[Message]) -> None:
+        for r in replies:
+            t = self._node(r.metadata.src_node_id)
+            if r.has_error():
+                t.failed = True
+                continue
+            t.up += message_bytes(r.content)
+            if r.metadata.message_type.startswith("train"):
+                for rec in r.content.metric_records.values():
+                    t.metrics.update({k: v for k, v in rec.items()
+                                      if isinstance(v, int | float)})
+
+
+def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict[str, float]:
+    """Test accuracy and loss of every architecture group's global model.
+
+    ``acc``/``loss`` are the means over groups weighted by how many clients run each group;
+    ``acc/<arch>`` and ``loss/<arch>`` are added when there is more than one group.
+    """
+    groups = split_groups(arrays)
+    if not groups:
+        return {}
+    share = Counter(world.archs)
+    test = world.data.test
+    out: dict[str, float] = {}
+    acc = loss = 0.0
+    total = sum(share[a] for a in groups) or 1
+    for arch, rec in groups.items():
+        model = world.new_model(arch, seed=0)
+        model.load_state_dict(arrayrecord_to_state_dict(rec))
+        g_loss, g_acc = evaluate(model, test.x, test.y, batch_size)
+        if len(groups) > 1:
+            out[f"acc/{arch}"], out[f"loss/{arch}"] = g_acc, g_loss
+        acc += g_acc * share[arch] / total
+        loss += g_loss * share[arch] / total
+    out["acc"], out["loss"] = acc, loss
+    return out
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Everything the records need about one finished round."""
+
+    round: int
+    arrays: ArrayRecord
+    train_metrics: dict[str, Any]
+    eval_metrics: dict[str, float]
+    traffic: dict[int, Traffic]
+    seconds: float
+
+
+def initial_arrays(world: World) -> ArrayRecord:
+    """Seeded initial global model of every architecture group, keys ``<arch>.<param>``."""
+    from fedkd.comm import state_dict_to_arrayrecord
+
+    arrays: dict[str, Any] = {}
+    for i, arch in enumerate(world.groups):
+        model = world.new_model(arch, seed=world.scenario.seed * 1000 + i)
+        arrays.update(state_dict_to_arrayrecord(model.state_dict(), prefix=arch).items())
+    return ArrayRecord(arrays)
+
+
+def run_rounds(world: World, strategy: Any, grid: Grid,
+               on_round: Callable[[RoundResult], None],
+               arrays: ArrayRecord | None = None, first_round: int = 1) -> ArrayRecord:
+    """Run the scenario's rounds of ``strategy`` over ``grid``.
+
+    Parameters
+    ----------
+    world : World
+        The simulated world (scenario, data).
+    strategy : flwr.serverapp.strategy.Strategy
+        Any message-API strategy.
+    grid : Grid
+        Where messages go.
+    on_round : Callable
+        Called with each finished round's :class:`RoundResult`.
+    arrays : ArrayRecord, optional
+        Starting global arrays (default: seeded initial models).
+    first_round : int
+        Round to start from (for resumed runs).
+
+    Returns
+    -------
+    ArrayRecord
+        The final global arrays.
+    """
+    scn = world.scenario
+    acct = AccountingGrid(grid)
+    arrays = initial_arrays(world) if arrays is None else arrays
+    train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout)
+    for rnd in range(first_round, scn.rounds + 1):
+        start = time.perf_counter()
+        replies = acct.send_and_receive(
+            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), acct))
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        metrics: dict[str, float] = {}
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), acct))
+        if eval_msgs:
+            fed = strategy.aggregate_evaluate(rnd, acct.send_and_receive(eval_msgs))
+            metrics.update({f"fed/{k}": float(v) for k, v in (fed or {}).items()
+                            if isinstance(v, int | float)})
+        if rnd % scn.eval_every == 0 or rnd == scn.rounds:
+            metrics.update(central_evaluate(world, arrays, scn.server.eval_batch_size))
+        on_round(RoundResult(round=rnd, arrays=arrays, train_metrics=dict(train_metrics or {}),
+                             eval_metrics=metrics, traffic=acct.reset(),
+                             seconds=time.perf_counter() - start))
+    return arrays

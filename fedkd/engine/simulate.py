@@ -1,0 +1,173 @@
+"""``fedkd simulate``: build the world, open the run folder, run the rounds on an engine.
+
+Two engines run the same ServerApp logic and ClientApp:
+
+- ``ray`` (default): :class:`~fedkd.engine.ray_grid.RayGrid` over a pool of Ray actors,
+  local or attached to a cluster (``engine.ray_address``: ``auto`` or ``ray://host:port``);
+- ``flower``: Flower's own simulation runtime (``flwr.simulation.run_simulation``).
+
+Ray and Flower log to ``engine.log`` in the run folder unless ``verbose``. Ray is always shut
+down when the run ends or fails, so no Ray process outlives the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from fedkd.client import WorldSource, make_client_app
+from fedkd.engine.recorder import RunRecorder
+from fedkd.engine.runner import run_rounds
+from fedkd.scenario import EngineConfig, Scenario, dump
+from fedkd.world import World, build_world, install_world
+from strategies import build_strategy
+
+
+def new_run_dir(scn: Scenario, out: str | None) -> Path:
+    """``<out>/<scenario name>/<timestamp>/``, made unique and created."""
+    base = Path(out or scn.output.dir) / scn.name
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base / stamp, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base / f"{stamp}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+@contextlib.contextmanager
+def engine_logs(run_dir: Path, verbose: bool) -> Iterator[None]:
+    """Send Flower's, Ray's and Python warnings' log records to ``engine.log``."""
+    if verbose:
+        yield
+        return
+    handler = logging.FileHandler(run_dir / "engine.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    names = ("flwr", "ray", "py.warnings")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
+             for n in names}
+    logging.captureWarnings(True)
+    for n in names:
+        lg = logging.getLogger(n)
+        lg.handlers = [handler]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        for n, (handlers, propagate) in saved.items():
+            logging.getLogger(n).handlers = handlers
+            logging.getLogger(n).propagate = propagate
+        logging.captureWarnings(False)
+        handler.close()
+
+
+def _ray_init_args(verbose: bool) -> dict[str, Any]:
+    return {"include_dashboard": False, "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR}
+
+
+def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
+               loop: Callable[[Grid], Any], verbose: bool) -> None:
+    """Run ``loop`` over a RayGrid; Ray is started (or attached) here and always shut down."""
+    import ray
+
+    import fedkd
+    import strategies
+    from fedkd.engine.ray_grid import RayGrid
+
+    args = _ray_init_args(verbose)
+    if engine.ray_address:
+        ray.init(address=engine.ray_address,
+                 runtime_env={"py_modules": [fedkd, strategies]}, **args)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **args)
+    grid = None
+    try:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        actors = engine.actors or max(1, int(cpus // engine.client_resources.num_cpus))
+        grid = RayGrid(world, source, actors=min(actors, world.num_clients),
+                       num_cpus=engine.client_resources.num_cpus,
+                       num_gpus=engine.client_resources.num_gpus)
+        loop(grid)
+    finally:
+        if grid is not None:
+            grid.shutdown()
+        ray.shutdown()
+
+
+def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
+                  loop: Callable[[Grid], Any], verbose: bool) -> None:
+    """Run ``loop`` as the ServerApp of Flower's own simulation runtime."""
+    import ray
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        loop(grid)
+
+    resources = {"num_cpus": engine.client_resources.num_cpus,
+                 "num_gpus": engine.client_resources.num_gpus}
+    try:
+        run_simulation(server_app=app, client_app=make_client_app(source),
+                       num_supernodes=world.num_clients,
+                       backend_config={"client_resources": resources,
+                                       "init_args": _ray_init_args(verbose)},
+                       verbose_logging=verbose)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+ENGINES = {"ray": run_on_ray, "flower": run_on_flower}
+
+
+def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = None,
+             verbose: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a scenario end to end and return its summary.
+
+    Parameters
+    ----------
+    scn : Scenario
+        The resolved scenario.
+    out : str, optional
+        Folder for runs (default: ``scn.output.dir``).
+    metrics_port : int, optional
+        Serve Prometheus metrics on ``127.0.0.1:<port>``.
+    verbose : bool
+        Let Ray's and Flower's logs through to the terminal.
+    progress : bool
+        Show the progress bar.
+    """
+    world = build_world(scn)
+    install_world(world)
+    run_dir = new_run_dir(scn, out)
+    source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
+    with engine_logs(run_dir, verbose):
+        strategy = build_strategy(scn)
+        recorder = RunRecorder(world, run_dir, lambda nid: strategy.node(nid).cid,
+                               metrics_port=metrics_port, progress=progress)
+        status = "failed"
+        try:
+            ENGINES[scn.engine.name](world, source, scn.engine,
+                                     lambda grid: run_rounds(world, strategy, grid, recorder),
+                                     verbose)
+            status = "completed"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            summary = recorder.close(status)
+    return summary
