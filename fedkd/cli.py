@@ -6,7 +6,6 @@ Bad input (scenario keys, values, missing data) ends with one line on stderr and
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,14 +127,12 @@ COMMANDS = {"simulate": cmd_simulate, "validate": cmd_validate, "partition": cmd
             "list": cmd_list}
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedkd`` console script."""
+    from fedkd.engine.simulate import interrupt_on_sigterm
+
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except (ScenarioError, DataUnavailableError) as exc:

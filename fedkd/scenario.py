@@ -149,7 +149,7 @@ class Scenario:
     """A whole simulation, parsed from YAML."""
 
     name: str = "scenario"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     rounds: int = field(default=10, metadata=_check(_positive, "an integer > 0"))
     eval_every: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
     data: DataConfig = DataConfig()
@@ -170,7 +170,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
+    if origin in (tuple, list):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
@@ -178,6 +178,14 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
+
+
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -211,18 +219,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ScenarioError(path, value, "a mapping")
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    accepts = _SCALARS.get(tp)
+    if accepts is not None and accepts(value):
+        return float(value) if tp is float else value
     raise ScenarioError(path, value, _type_name(tp))
 
 

@@ -34,8 +34,8 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, epochs
     n : int
         Number of samples.
     batch_size : int
-        Samples per batch (the last batch of an epoch may be smaller, never of size 1
-        when ``n > 1``, which BatchNorm cannot train on).
+        Samples per batch (the last batch of an epoch may be smaller; a lone leftover
+        sample is dropped, since BatchNorm cannot train on a batch of one).
     generator : torch.Generator
         Seeded generator: the same seed gives the same batches.
     epochs : int
@@ -51,7 +51,7 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, epochs
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            if len(idx) == 1 and n > 1:
+            if len(idx) == 1 and batch_size > 1 and n > 1:
                 continue
             yield idx
             done += 1

@@ -62,7 +62,7 @@ def weighted_average(records: Sequence[ArrayRecord], weights: Sequence[float]) -
             acc += wi * rec[key].numpy()
         if np.issubdtype(first.dtype, np.integer):
             acc = np.rint(acc)
-        out[key] = Array(acc.astype(first.dtype))
+        out[key] = Array(np.asarray(acc, dtype=first.dtype))
     return ArrayRecord(out)
 
 
@@ -127,12 +127,16 @@ class FedAvg(FlowerFedAvg):
         """Handshake info of a node id."""
         return next(n for n in self.nodes if n.node_id == node_id)
 
-    def sample(self, grid: Grid, server_round: int, fraction: float,
-               minimum: int) -> list[NodeInfo]:
-        """Seeded sample of ``max(int(N * fraction), minimum)`` nodes, in partition order."""
+    def sample(self, grid: Grid, server_round: int, fraction: float, minimum: int,
+               stream: int = 0) -> list[NodeInfo]:
+        """Seeded sample of ``max(int(N * fraction), minimum)`` nodes, in partition order.
+
+        ``stream`` separates independent draws of one round (0: training, 1: evaluation).
+        """
         nodes = self.discover(grid)
-        k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-        rng = np.random.default_rng([self.seed, server_round])
+        k = min(len(nodes), max(int(len(nodes) * fraction + 1e-9), minimum))
+        rng = np.random.default_rng([self.seed, server_round, stream] if stream
+                                    else [self.seed, server_round])
         chosen = np.sort(rng.choice(len(nodes), size=k, replace=False))
         return [nodes[i] for i in chosen]
 
@@ -193,7 +197,8 @@ class FedAvg(FlowerFedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         groups = split_groups(arrays)
-        nodes = self.sample(grid, -server_round, self.fraction_evaluate, self.min_evaluate_nodes)
+        nodes = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes,
+                            stream=1)
         config = ConfigRecord({**dict(config), "server-round": server_round})
         return [Message(RecordDict({"arrays": groups[n.arch], "config": config}),
                         dst_node_id=n.node_id, message_type=MessageType.EVALUATE,

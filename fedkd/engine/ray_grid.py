@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import ray
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.client import WorldSource, make_client_app

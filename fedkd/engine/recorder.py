@@ -89,7 +89,8 @@ class RunRecorder:
                 self.cid_of(nid)], "bytes_down": t.down, "bytes_up": t.up, "failed": t.failed,
              "train_loss": t.metrics.get("train-loss"),
              "num_examples": t.metrics.get("num-examples")}
-            for nid, t in sorted(res.traffic.items(), key=lambda kv: self.cid_of(kv[0]))])
+            for nid, t in sorted(res.traffic.items(), key=lambda kv: self.cid_of(kv[0]))
+            if t.down or t.up or t.failed or t.metrics])
         if self.prom is not None:
             self.prom.update(res.round, row.get("acc"), row.get("loss"), down, up)
         acc = row.get("acc")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedkd.client import train_config_record
 from fedkd.comm import arrayrecord_to_state_dict, message_bytes, split_groups

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -71,44 +73,59 @@ def engine_logs(run_dir: Path, verbose: bool) -> Iterator[None]:
         handler.close()
 
 
-def _ray_init_args(verbose: bool) -> dict[str, Any]:
-    return {"include_dashboard": False, "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR}
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so a stopped run closes its records and Ray."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
-def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
-               loop: Callable[[Grid], Any], verbose: bool) -> None:
-    """Run ``loop`` over a RayGrid; Ray is started (or attached) here and always shut down."""
+@contextlib.contextmanager
+def ray_session(engine: EngineConfig, verbose: bool) -> Iterator[None]:
+    """Start local Ray (or attach to ``engine.ray_address``); always shut it down after."""
     import ray
 
     import fedkd
     import strategies
-    from fedkd.engine.ray_grid import RayGrid
 
-    args = _ray_init_args(verbose)
+    args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
+                            "logging_level": logging.INFO if verbose else logging.ERROR}
     if engine.ray_address:
         ray.init(address=engine.ray_address,
                  runtime_env={"py_modules": [fedkd, strategies]}, **args)
     else:
         ray.init(num_cpus=os.cpu_count(), **args)
-    grid = None
+    interrupt_on_sigterm()  # ray.init installs its own handler, which aborts the driver
     try:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        actors = engine.actors or max(1, int(cpus // engine.client_resources.num_cpus))
-        grid = RayGrid(world, source, actors=min(actors, world.num_clients),
-                       num_cpus=engine.client_resources.num_cpus,
-                       num_gpus=engine.client_resources.num_gpus)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
+               loop: Callable[[Grid], Any], verbose: bool) -> None:
+    """Run ``loop`` over a RayGrid of ``engine.actors`` actors (default: one per CPU)."""
+    import ray
+
+    from fedkd.engine.ray_grid import RayGrid
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors = engine.actors or max(1, int(cpus // engine.client_resources.num_cpus))
+    grid = RayGrid(world, source, actors=min(actors, world.num_clients),
+                   num_cpus=engine.client_resources.num_cpus,
+                   num_gpus=engine.client_resources.num_gpus)
+    try:
         loop(grid)
     finally:
-        if grid is not None:
-            grid.shutdown()
-        ray.shutdown()
+        grid.shutdown()
 
 
 def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
                   loop: Callable[[Grid], Any], verbose: bool) -> None:
-    """Run ``loop`` as the ServerApp of Flower's own simulation runtime."""
-    import ray
+    """Run ``loop`` as the ServerApp of Flower's own simulation runtime (on the same Ray)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -120,15 +137,9 @@ def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
 
     resources = {"num_cpus": engine.client_resources.num_cpus,
                  "num_gpus": engine.client_resources.num_gpus}
-    try:
-        run_simulation(server_app=app, client_app=make_client_app(source),
-                       num_supernodes=world.num_clients,
-                       backend_config={"client_resources": resources,
-                                       "init_args": _ray_init_args(verbose)},
-                       verbose_logging=verbose)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    run_simulation(server_app=app, client_app=make_client_app(source),
+                   num_supernodes=world.num_clients,
+                   backend_config={"client_resources": resources}, verbose_logging=verbose)
 
 
 ENGINES = {"ray": run_on_ray, "flower": run_on_flower}
@@ -161,9 +172,10 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
                                metrics_port=metrics_port, progress=progress)
         status = "failed"
         try:
-            ENGINES[scn.engine.name](world, source, scn.engine,
-                                     lambda grid: run_rounds(world, strategy, grid, recorder),
-                                     verbose)
+            with ray_session(scn.engine, verbose):
+                ENGINES[scn.engine.name](
+                    world, source, scn.engine,
+                    lambda grid: run_rounds(world, strategy, grid, recorder), verbose)
             status = "completed"
         except KeyboardInterrupt:
             status = "interrupted"

@@ -1,0 +1,197 @@
+"""End-to-end tests of the ``fedkd`` command on tiny data (digits, a few rounds)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "scenarios" / "quickstart.yaml")
+WALL = {"wall_s", "elapsed_s"}
+
+
+def fedkd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "fedkd.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def run_dir_of(out: Path) -> Path:
+    (run,) = [p for p in out.glob("*/*") if p.is_dir()]
+    return run
+
+
+def simulate(out: Path, *sets: str) -> Path:
+    args = ["simulate", QUICKSTART, "--out", str(out), "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    proc = fedkd(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir_of(out)
+
+
+def table(path: Path, drop: set[str] = WALL) -> list[dict]:
+    rows = pq.read_table(path).to_pylist()
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+SMALL = ("rounds=2", "clients.fraction=0.5", "clients.train.epochs=1")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same small scenario on: Ray twice (2 actors), Ray with 1 actor, Flower's engine."""
+    base = tmp_path_factory.mktemp("runs")
+    return {
+        "ray_a": simulate(base / "a", *SMALL, "engine.actors=2"),
+        "ray_b": simulate(base / "b", *SMALL, "engine.actors=2"),
+        "ray_1": simulate(base / "c", *SMALL, "engine.actors=1"),
+        "flower": simulate(base / "d", *SMALL, "engine.name=flower"),
+    }
+
+
+def test_run_folder_contents(runs: dict[str, Path]) -> None:
+    run = runs["ray_a"]
+    for name in ("scenario.yaml", "metrics.parquet", "clients.parquet", "partition.parquet",
+                 "summary.json", "accuracy.png", "partition.png", "engine.log"):
+        assert (run / name).stat().st_size > 0, name
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["round"] for r in metrics] == [1, 2]
+    assert all(r["participants"] == 5 and r["failures"] == 0 for r in metrics)
+    # each of 5 clients receives the model and sends it back: equal bytes both ways
+    assert metrics[0]["bytes_down"] == metrics[0]["bytes_up"] > 0
+    assert metrics[1]["bytes_down_cum"] == 2 * metrics[0]["bytes_down"]
+    clients = pq.read_table(run / "clients.parquet").to_pylist()
+    assert len(clients) == 10
+    assert sum(c["bytes_up"] for c in clients if c["round"] == 1) == metrics[0]["bytes_up"]
+    assert sorted({c["bytes_down"] for c in clients}) == [metrics[0]["bytes_down"] // 5]
+    partition = pq.read_table(run / "partition.parquet").to_pylist()
+    assert len(partition) == 10
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert summary["final_acc"] == metrics[-1]["acc"]
+    assert "rounds: 2" in (run / "scenario.yaml").read_text()
+
+
+def test_same_seed_same_metrics(runs: dict[str, Path]) -> None:
+    for f in ("metrics.parquet", "clients.parquet"):
+        assert table(runs["ray_a"] / f) == table(runs["ray_b"] / f)
+
+
+def test_one_vs_two_actors(runs: dict[str, Path]) -> None:
+    for f in ("metrics.parquet", "clients.parquet"):
+        assert table(runs["ray_a"] / f) == table(runs["ray_1"] / f)
+
+
+def test_ray_vs_flower_engine(runs: dict[str, Path]) -> None:
+    a = table(runs["ray_a"] / "metrics.parquet")
+    b = table(runs["flower"] / "metrics.parquet")
+    assert a == b
+    assert table(runs["ray_a"] / "clients.parquet") == table(runs["flower"] / "clients.parquet")
+
+
+def test_quickstart_learns(tmp_path: Path) -> None:
+    run = simulate(tmp_path, "rounds=3")
+    accs = [r["acc"] for r in pq.read_table(run / "metrics.parquet").to_pylist()]
+    assert len(accs) == 3
+    assert accs[-1] > 0.3  # well above chance (0.1) after 3 rounds
+    assert accs[-1] > accs[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_processes() -> int:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if "raylet" in line or "gcs_server" in line)
+
+
+def test_terminated_run_keeps_rounds_and_serves_metrics(tmp_path: Path) -> None:
+    before = _ray_processes()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedkd.cli", "simulate", QUICKSTART, "--out", str(tmp_path),
+         "--no-progress", "--metrics-port", str(port), "--set", "rounds=200"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = None
+        while time.monotonic() < deadline:
+            runs = list(tmp_path.glob("*/*/metrics.parquet"))
+            if runs and pq.read_table(runs[0]).num_rows >= 2:
+                metrics = runs[0]
+                break
+            time.sleep(0.2)
+        assert metrics is not None, "no two rounds recorded in time"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        text = page.decode()
+        assert "fedkd_round" in text and "fedkd_bytes_down_total" in text
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    rows = pq.read_table(metrics).to_pylist()
+    assert [r["round"] for r in rows][:2] == [1, 2]
+    summary = json.loads((metrics.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    time.sleep(1.0)
+    assert _ray_processes() <= before
+
+
+def test_bad_value_is_one_line(tmp_path: Path) -> None:
+    proc = fedkd("simulate", QUICKSTART, "--set", "partition.params.alpha=0", "--out",
+                 str(tmp_path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "partition.params.alpha" in lines[0] and "0" in lines[0]
+
+
+def test_unknown_key_lists_allowed(tmp_path: Path) -> None:
+    proc = fedkd("validate", QUICKSTART, "--set", "clients.fracton=0.5")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert "clients.fracton" in proc.stderr and "'fraction'" in proc.stderr
+
+
+def test_missing_cifar10_one_line(tmp_path: Path) -> None:
+    proc = fedkd("validate", QUICKSTART, "--set", "data.name=cifar10", "--set",
+                 f"data.root={tmp_path}", "--set", "data.download=false")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert str(tmp_path) in proc.stderr and "download: true" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_list_and_partition(tmp_path: Path) -> None:
+    proc = fedkd("list")
+    assert proc.returncode == 0
+    assert "dirichlet" in proc.stdout and "fedavg" in proc.stdout and "resnet8" in proc.stdout
+    png = tmp_path / "p.png"
+    proc = fedkd("partition", QUICKSTART, "--png", str(png))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 + 10 + 1  # header, 10 clients, heat-map path
+    totals = [int(line.split()[-1]) for line in lines[1:11]]
+    assert sum(totals) == 1437 - 143 - 143  # digits train minus val and public (10 % each)
+    assert png.stat().st_size > 0
+
+
+def test_validate_ok() -> None:
+    proc = fedkd("validate", QUICKSTART)
+    assert proc.returncode == 0, proc.stderr
+    assert "valid" in proc.stdout and "10 clients" in proc.stdout
