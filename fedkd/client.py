@@ -76,15 +76,19 @@ class WorldSource:
 
     def world(self) -> World:
         """The world, built once per process (which also pins torch's thread count)."""
-        if torch.get_num_threads() != self.threads:
+        world = _WORLDS.get(self.scenario_yaml)
+        if world is None:
             torch.set_num_threads(self.threads)
-        return cached_world(from_dict(yaml.safe_load(self.scenario_yaml)))
+            world = _WORLDS[self.scenario_yaml] = cached_world(
+                from_dict(yaml.safe_load(self.scenario_yaml)))
+        return world
 
     def store(self) -> StateStore:
         """The run's per-client state store."""
         return StateStore(f"{self.run_dir}/state")
 
 
+_WORLDS: dict[str, World] = {}
 _SKELETONS: dict[str, torch.nn.Module] = {}
 
 
@@ -180,6 +184,12 @@ def hello(msg: Message, env: ClientEnv) -> RecordDict:
                                  "label-counts": [int(c) for c in counts]}),
         "info": ConfigRecord({"arch": env.arch}),
     })
+
+
+@client_fn("query.ping")
+def ping(msg: Message, env: ClientEnv) -> RecordDict:
+    """Do nothing and reply with an empty record (engine health checks and benchmarks)."""
+    return RecordDict()
 
 
 @client_fn("train")

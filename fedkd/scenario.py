@@ -131,9 +131,10 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Server-side work: evaluation batch size, teacher ensemble actors."""
+    """Server-side work: evaluation batch size, torch threads (0 = all), teacher actors."""
 
     eval_batch_size: int = field(default=1024, metadata=_check(_positive, "an integer > 0"))
+    threads: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     teacher_actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
 
 

@@ -59,8 +59,11 @@ class World:
         return tuple(dict.fromkeys(s.arch for s in self.scenario.clients.models))
 
     def client_data(self, cid: int) -> TensorSplit:
-        """The private training data of client ``cid``."""
-        return self.data.pool.subset(self.parts[cid])
+        """The private training data of client ``cid`` (gathered once per process)."""
+        cache = self.__dict__.setdefault("_client_data", {})
+        if cid not in cache:
+            cache[cid] = self.data.pool.subset(self.parts[cid])
+        return cache[cid]
 
     def model_params(self, arch: str) -> dict[str, Any]:
         """Builder keyword arguments of ``arch`` from the scenario."""

@@ -187,7 +187,7 @@ def test_list_and_partition(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 + 10 + 1  # header, 10 clients, heat-map path
     totals = [int(line.split()[-1]) for line in lines[1:11]]
-    assert sum(totals) == 1437 - 143 - 143  # digits train minus val and public (10 % each)
+    assert sum(totals) == 1437 - 144 - 144  # digits train minus val and public (10 % each)
     assert png.stat().st_size > 0
 
 

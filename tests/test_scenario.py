@@ -500,3 +500,13 @@ def test_to_dict_is_plain_data() -> None:
     # to_dict copies: mutating the result leaves the scenario alone
     d["strategy"]["params"]["fraction_evaluate"] = 1.0
     assert scn.strategy.params == {"fraction_evaluate": 0.0}
+
+
+@pytest.mark.parametrize("name", ["quickstart", "noniid_fashion", "noniid_cifar"])
+def test_shipped_scenarios_parse(name: str) -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / f"{name}.yaml"
+    scn = load_scenario(path)
+    assert scn.name == name
+    assert scn.clients.num in (10, 20)

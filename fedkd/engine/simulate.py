@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.serverapp import Grid
 
 from fedkd.client import WorldSource, make_client_app
@@ -162,6 +163,8 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     progress : bool
         Show the progress bar.
     """
+    if scn.server.threads:
+        torch.set_num_threads(scn.server.threads)
     world = build_world(scn)
     install_world(world)
     run_dir = new_run_dir(scn, out)

@@ -1,0 +1,1 @@
+"""Benchmarks of fedkd's simulation engine (run with ``python -m benchmarks.run``)."""

@@ -1,0 +1,562 @@
+"""fedkd's benchmark suite: engine overhead and real federated work, as ratios.
+
+Run with ``python -m benchmarks.run`` (``make bench``); ``--quick`` is a smoke version that
+runs in a couple of minutes. Every number (raw seconds per round, medians, ratios, targets,
+pass/fail, machine info) goes to ``--out`` (JSON, default ``benchmarks/results.json``) and a
+Markdown table next to it (``results.md``). A missed target is reported, not fatal.
+
+What is measured
+----------------
+1. **Engine overhead.** 100 clients that do nothing: each round the server sends a
+   ``"query.ping"`` message (empty ``RecordDict``) to every node through
+   ``grid.send_and_receive`` and waits for all replies; 1 warm-up round, then the median
+   seconds per round of
+
+   - fedkd's :class:`~fedkd.engine.ray_grid.RayGrid` (2 actors) inside ``ray_session``;
+   - Flower's own simulation engine (``flwr.simulation.run_simulation``, one ClientApp actor
+     per CPU), whose ServerApp runs the same loop after all 100 nodes have registered.
+
+   Both run fedkd's ClientApp (:func:`fedkd.client.make_client_app`) on a tiny ``synthetic``
+   world. Target: ``flower / fedkd >= 5``.
+
+2. **Real work.** FedAvg on Fashion-MNIST (``cnn_small``, 1 local epoch, batch 32, every
+   client every round); median seconds per round (first round = warm-up, excluded) of
+
+   - **P1 / P2**: the honest hand-written baseline, one process with
+     ``torch.set_num_threads(1)`` / ``(2)``: the same world (data, partition, initial model,
+     batch seeds), for each client load the global weights, ``train_supervised``, keep the
+     state dict; weighted average; ``evaluate`` on the test set;
+   - **F1**: ``fedkd simulate`` with 1 actor, 1 torch thread per actor, 1 server thread;
+   - **F2**: ``fedkd simulate`` with 2 actors, 1 torch thread per actor, all server threads;
+
+   with per-round ``wall_s`` read from the run's ``metrics.parquet`` (same scope as P: train,
+   aggregate, central evaluation). Targets: ``F1/P1 <= 1.10`` (the engine costs at most 10 %
+   over a bare loop) and ``F2/P2 <= 0.80`` (two actors beat two torch threads by 20 %). P1's
+   and F1's final accuracies must agree within 0.02 (the same work was done).
+
+Every configuration runs in its own subprocess (so torch thread settings, Ray and Flower state
+do not leak between them), in the order P1, F1, P2, F2 so compared pairs run close together on
+this shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results.json"
+CHILD_TIMEOUT_S = 1200.0
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one benchmark run (full or quick).
+
+    Attributes
+    ----------
+    ping_clients, ping_rounds, ping_warmup : int
+        Engine overhead: nodes, timed rounds, untimed warm-up rounds.
+    train_limit, test_limit : int
+        Fashion-MNIST samples kept (seeded subsets).
+    clients : int
+        FedAvg clients (all of them train every round).
+    rounds : int
+        FedAvg rounds, the first of which is a warm-up excluded from the medians.
+    """
+
+    ping_clients: int = 100
+    ping_rounds: int = 5
+    ping_warmup: int = 1
+    train_limit: int = 12000
+    test_limit: int = 2000
+    clients: int = 20
+    rounds: int = 5
+
+
+FULL = Settings()
+QUICK = Settings(ping_rounds=2, train_limit=2000, test_limit=500, clients=10, rounds=3)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A pass/fail criterion on one measured ratio or difference."""
+
+    name: str
+    op: str
+    bound: float
+
+    def check(self, value: float) -> bool:
+        """Whether ``value`` meets the target."""
+        return value >= self.bound if self.op == ">=" else value <= self.bound
+
+    def text(self) -> str:
+        """E.g. ``>= 5``."""
+        return f"{self.op} {self.bound:g}"
+
+
+OVERHEAD_TARGET = Target("engine overhead: flower / fedkd (s per round)", ">=", 5.0)
+F1_TARGET = Target("real work, 1 core: F1 / P1 (s per round)", "<=", 1.10)
+F2_TARGET = Target("real work, 2 cores: F2 / P2 (s per round)", "<=", 0.80)
+ACC_TARGET = Target("final accuracy |P1 - F1|", "<=", 0.02)
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def overhead_scenario(num_clients: int) -> dict[str, Any]:
+    """A tiny synthetic world with ``num_clients`` clients (builds in milliseconds)."""
+    return {
+        "name": "bench_overhead", "seed": 0, "rounds": 1,
+        "data": {"name": "synthetic",
+                 "params": {"train_size": 10 * num_clients, "test_size": 100}},
+        "partition": {"name": "iid"},
+        "clients": {"num": num_clients, "models": [{"arch": "mlp"}]},
+        "strategy": {"name": "fedavg"},
+        "engine": {"name": "ray", "actors": 2},
+    }
+
+
+def fmnist_scenario(s: Settings) -> dict[str, Any]:
+    """FedAvg on Fashion-MNIST, every client every round, 1 local epoch."""
+    return {
+        "name": "bench_fmnist", "seed": 0, "rounds": s.rounds, "eval_every": 1,
+        "data": {"name": "fashion_mnist",
+                 "params": {"train_limit": s.train_limit, "test_limit": s.test_limit}},
+        "partition": {"name": "iid"},
+        "clients": {"num": s.clients, "fraction": 1.0, "models": [{"arch": "cnn_small"}],
+                    "train": {"lr": 0.05, "momentum": 0.9, "epochs": 1, "batch_size": 32}},
+        "strategy": {"name": "fedavg"},
+    }
+
+
+#: fedkd configurations of the real-work benchmark: ``--set`` overrides per name.
+FEDKD_CONFIGS: dict[str, list[str]] = {
+    "F1": ["engine.actors=1", "engine.threads=1", "server.threads=1"],
+    "F2": ["engine.actors=2", "engine.threads=1", "server.threads=0"],
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def median(xs: Sequence[float]) -> float:
+    """Median of a non-empty sequence (``nan`` when empty)."""
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count, load, library versions and the date of this run."""
+    import torch
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_default_threads": torch.get_num_threads(),
+        "flwr": version("flwr"),
+        "ray": version("ray"),
+    }
+
+
+def run_child(args: list[str], log: Path, timeout: float = CHILD_TIMEOUT_S) -> float:
+    """Run ``python <args>`` from the repository root, output to ``log``; return its seconds.
+
+    The child gets its own process group, which is killed on timeout (Ray's helpers too).
+    """
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{' '.join(args)} timed out after {timeout:.0f} s "
+                               f"(log: {log})") from None
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"{' '.join(args)} exited with {code}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def run_benchmark_child(kind: str, spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Run one ``--child`` configuration of this module in a subprocess; return its result."""
+    spec_path, out_path = work / f"{kind}.spec.json", work / f"{kind}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    tag = spec.get("tag", kind)
+    seconds = run_child(["-m", "benchmarks.run", "--child", kind, "--spec", str(spec_path),
+                         "--child-out", str(out_path)], work / f"{tag}.log")
+    result = json.loads(out_path.read_text())
+    result["process_s"] = seconds
+    return result
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def ping_rounds(grid: Any, node_ids: Sequence[int], warmup: int, rounds: int) -> list[float]:
+    """Send ``query.ping`` to every node and wait for all replies; seconds per timed round.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        Any Flower grid.
+    node_ids : Sequence[int]
+        The nodes to ping.
+    warmup, rounds : int
+        Untimed and timed rounds.
+    """
+    from flwr.app import Message, RecordDict
+
+    times = []
+    for r in range(warmup + rounds):
+        start = time.perf_counter()
+        msgs = [Message(RecordDict(), dst_node_id=nid, message_type="query.ping")
+                for nid in node_ids]
+        replies = list(grid.send_and_receive(msgs))
+        elapsed = time.perf_counter() - start
+        errors = [rep.error.reason for rep in replies if rep.has_error()]
+        if len(replies) != len(node_ids) or errors:
+            raise RuntimeError(f"round {r}: {len(replies)} replies from {len(node_ids)} nodes, "
+                               f"errors: {errors[:3]}")
+        if r >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def wait_for_nodes(grid: Any, n: int, timeout: float = 300.0) -> list[int]:
+    """Wait until ``n`` nodes are registered (Flower's nodes register asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while len(ids := sorted(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(ids)} of {n} nodes registered")
+        time.sleep(0.05)
+    return ids
+
+
+def child_overhead(spec: dict[str, Any], engine: str) -> dict[str, Any]:
+    """Engine overhead of one engine (``fedkd`` or ``flower``) on the ping world."""
+    from fedkd.client import WorldSource, make_client_app
+    from fedkd.engine.simulate import engine_logs, ray_session
+    from fedkd.scenario import dump, from_dict
+    from fedkd.world import build_world, install_world
+
+    scn = from_dict(spec["scenario"])
+    world = build_world(scn)
+    install_world(world)
+    run_dir = Path(spec["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = WorldSource(scenario_yaml=dump(scn), run_dir=str(run_dir))
+    warmup, rounds, n = spec["warmup"], spec["rounds"], world.num_clients
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    with engine_logs(run_dir, verbose=False), ray_session(scn.engine, verbose=False):
+        if engine == "fedkd":
+            from fedkd.engine.ray_grid import RayGrid
+
+            grid = RayGrid(world, source, actors=2)  # sets Flower's TaskIdentity
+            try:
+                out["startup_s"] = time.perf_counter() - start
+                out["seconds"] = ping_rounds(grid, sorted(grid.get_node_ids()), warmup, rounds)
+            finally:
+                grid.shutdown()
+        else:
+            from flwr.serverapp import Grid, ServerApp
+            from flwr.simulation import run_simulation
+
+            app = ServerApp()
+
+            @app.main()
+            def main(grid: Grid, context: Any) -> None:
+                ids = wait_for_nodes(grid, n)
+                out["startup_s"] = time.perf_counter() - start
+                out["seconds"] = ping_rounds(grid, ids, warmup, rounds)
+
+            run_simulation(server_app=app, client_app=make_client_app(source),
+                           num_supernodes=n,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+                           verbose_logging=False)
+    if "seconds" not in out:
+        raise RuntimeError(f"the {engine} engine finished without running the ping rounds")
+    return out
+
+
+def average_states(states: Sequence[dict[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
+    """Weighted mean of state dicts in float64, cast back to each tensor's dtype."""
+    import torch
+
+    total = float(sum(weights))
+    out = {}
+    for key, first in states[0].items():
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for sd, w in zip(states, weights, strict=True):
+            acc += (w / total) * sd[key].to(torch.float64)
+        if not first.is_floating_point():
+            acc = acc.round()
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
+    """The hand-written single-process FedAvg loop with ``spec["threads"]`` torch threads.
+
+    Uses fedkd's world (same data, partition, initial model) and fedkd's batch seeds
+    (:func:`fedkd.client.seed_for`), so it does exactly the SGD steps fedkd's clients do.
+    """
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from fedkd.client import seed_for
+    from fedkd.scenario import from_dict
+    from fedkd.train import evaluate, train_supervised
+    from fedkd.world import build_world
+
+    start = time.perf_counter()
+    scn = from_dict(spec["scenario"])
+    world = build_world(scn)
+    arch = world.groups[0]
+    state = world.new_model(arch, seed=scn.seed * 1000).state_dict()
+    model = world.new_model(arch, seed=0)
+    data = [world.client_data(cid) for cid in range(world.num_clients)]
+    test = world.data.test
+    cfg = scn.clients.train
+    startup = time.perf_counter() - start
+    seconds, accs = [], []
+    for rnd in range(1, scn.rounds + 1):
+        t0 = time.perf_counter()
+        states, weights = [], []
+        for cid, d in enumerate(data):
+            model.load_state_dict(state)
+            train_supervised(model, d.x, d.y, cfg, seed=seed_for(scn.seed, rnd, cid, 0))
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            weights.append(float(len(d)))
+        state = average_states(states, weights)
+        model.load_state_dict(state)
+        _, acc = evaluate(model, test.x, test.y, scn.server.eval_batch_size)
+        seconds.append(time.perf_counter() - t0)
+        accs.append(acc)
+    return {"seconds": seconds, "acc": accs, "startup_s": startup,
+            "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def run_fedkd(name: str, yaml_path: Path, work: Path) -> dict[str, Any]:
+    """``fedkd simulate`` in a subprocess with the overrides of ``name``; per-round records."""
+    import pyarrow.parquet as pq
+
+    out_dir = work / f"runs_{name}"
+    args = ["-m", "fedkd.cli", "simulate", str(yaml_path), "--out", str(out_dir),
+            "--no-progress"]
+    for o in FEDKD_CONFIGS[name]:
+        args += ["--set", o]
+    seconds = run_child(args, work / f"{name}.log")
+    (metrics,) = out_dir.glob("*/*/metrics.parquet")
+    rows = sorted(pq.read_table(metrics).to_pylist(), key=lambda r: r["round"])
+    summary = json.loads((metrics.parent / "summary.json").read_text())
+    return {"seconds": [float(r["wall_s"]) for r in rows],
+            "acc": [float(r["acc"]) for r in rows],
+            "process_s": seconds, "run_wall_s": summary["wall_s"],
+            "overrides": FEDKD_CONFIGS[name]}
+
+
+def timing_entry(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
+    """Raw per-round seconds, the warm-up rounds and the median of the timed ones."""
+    timed = raw["seconds"][warmup:]
+    entry = {**raw, "warmup_s": raw["seconds"][:warmup], "timed_s": timed,
+             "median_s": median(timed)}
+    if "acc" in raw:
+        entry["final_acc"] = raw["acc"][-1]
+    return entry
+
+
+def check(target: Target, value: float, **extra: Any) -> dict[str, Any]:
+    """A recorded pass/fail line."""
+    return {"name": target.name, "value": value, "target": target.text(),
+            "pass": bool(target.check(value)), **extra}
+
+
+def bench_overhead(s: Settings, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Benchmark 1: ping rounds on RayGrid vs Flower's simulation engine."""
+    spec = {"scenario": overhead_scenario(s.ping_clients), "warmup": s.ping_warmup,
+            "rounds": s.ping_rounds}
+    res: dict[str, Any] = {"clients": s.ping_clients, "warmup_rounds": s.ping_warmup,
+                           "timed_rounds": s.ping_rounds}
+    for engine in ("fedkd", "flower"):
+        log(f"engine overhead: {engine} ({s.ping_clients} clients, "
+            f"{s.ping_warmup}+{s.ping_rounds} rounds)")
+        raw = run_benchmark_child(f"overhead-{engine}",
+                                  {**spec, "run_dir": str(work / f"ping_{engine}")}, work)
+        res[engine] = {**raw, "timed_s": raw["seconds"], "median_s": median(raw["seconds"])}
+        log(f"  median {res[engine]['median_s'] * 1e3:.1f} ms per round")
+    res["ratio"] = res["flower"]["median_s"] / res["fedkd"]["median_s"]
+    res["check"] = check(OVERHEAD_TARGET, res["ratio"],
+                         detail=f"{res['flower']['median_s'] * 1e3:.1f} ms vs "
+                                f"{res['fedkd']['median_s'] * 1e3:.1f} ms per round")
+    return res
+
+
+def bench_real_work(s: Settings, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Benchmark 2: FedAvg on Fashion-MNIST, plain loops vs fedkd, 1 and 2 cores."""
+    from fedkd.scenario import dump, from_dict
+
+    raw = fmnist_scenario(s)
+    yaml_path = work / "bench_fmnist.yaml"
+    yaml_path.write_text(dump(from_dict(raw)))
+    res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
+    for name in ("P1", "F1", "P2", "F2"):
+        log(f"real work: {name}")
+        if name.startswith("P"):
+            out = run_benchmark_child("plain", {"scenario": raw, "threads": int(name[1]),
+                                                "tag": name}, work)
+        else:
+            out = run_fedkd(name, yaml_path, work)
+        res[name] = timing_entry(out, warmup=1)
+        log(f"  median {res[name]['median_s']:.2f} s per round "
+            f"(timed {', '.join(f'{x:.2f}' for x in res[name]['timed_s'])}), "
+            f"final acc {res[name]['final_acc']:.4f}")
+    f1 = res["F1"]["median_s"] / res["P1"]["median_s"]
+    f2 = res["F2"]["median_s"] / res["P2"]["median_s"]
+    acc_diff = abs(res["P1"]["final_acc"] - res["F1"]["final_acc"])
+    res["checks"] = [
+        check(F1_TARGET, f1, detail=f"{res['F1']['median_s']:.2f} s vs "
+                                    f"{res['P1']['median_s']:.2f} s per round"),
+        check(F2_TARGET, f2, detail=f"{res['F2']['median_s']:.2f} s vs "
+                                    f"{res['P2']['median_s']:.2f} s per round"),
+        check(ACC_TARGET, acc_diff, detail=f"P1 {res['P1']['final_acc']:.4f}, "
+                                           f"F1 {res['F1']['final_acc']:.4f}, "
+                                           f"P2 {res['P2']['final_acc']:.4f}, "
+                                           f"F2 {res['F2']['final_acc']:.4f}"),
+    ]
+    return res
+
+
+def fmt_value(c: dict[str, Any]) -> str:
+    """A check's value for the tables."""
+    return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.2f}"
+
+
+def table(checks: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table of the checks."""
+    rows = [("benchmark", "value", "target", "result", "detail")]
+    rows += [(c["name"], fmt_value(c), c["target"], "PASS" if c["pass"] else "FAIL",
+              c["detail"]) for c in checks]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r[:4], widths, strict=True))
+             + "  " + r[4] for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The Markdown report: checks, per-configuration medians and the machine."""
+    m = results["machine"]
+    out = [f"# fedkd benchmarks ({results['mode']})", "",
+           f"{m['date']} — {m['cpu_count']} CPUs, torch {m['torch']}, flwr {m['flwr']}, "
+           f"ray {m['ray']}, Python {m['python']}", "",
+           "| benchmark | value | target | result | detail |", "|---|---:|---|---|---|"]
+    out += [f"| {c['name']} | {fmt_value(c)} | {c['target']} | "
+            f"{'PASS' if c['pass'] else 'FAIL'} | {c['detail']} |" for c in results["checks"]]
+    out += ["", "| configuration | median s/round | timed rounds (s) | final acc |",
+            "|---|---:|---|---:|"]
+    ov = results.get("engine_overhead", {})
+    for engine in ("fedkd", "flower"):
+        if engine in ov:
+            e = ov[engine]
+            out.append(f"| ping, {engine} | {e['median_s']:.4f} | "
+                       f"{', '.join(f'{x:.4f}' for x in e['timed_s'])} | |")
+    rw = results.get("real_work", {})
+    for name in ("P1", "P2", "F1", "F2"):
+        if name in rw:
+            e = rw[name]
+            out.append(f"| {name} | {e['median_s']:.3f} | "
+                       f"{', '.join(f'{x:.2f}' for x in e['timed_s'])} | "
+                       f"{e['final_acc']:.4f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks (or, with ``--child``, one configuration of them)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small, fast smoke version")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (and .md next to it)")
+    p.add_argument("--only", choices=["overhead", "real"], help="run one benchmark only")
+    p.add_argument("--child", choices=["overhead-fedkd", "overhead-flower", "plain"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        spec = json.loads(Path(args.spec).read_text())
+        if args.child == "plain":
+            result = child_plain(spec)
+        else:
+            result = child_overhead(spec, args.child.removeprefix("overhead-"))
+        Path(args.child_out).write_text(json.dumps(result))
+        return 0
+
+    settings = QUICK if args.quick else FULL
+    began = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - began:6.1f} s] {msg}", flush=True)
+
+    results: dict[str, Any] = {"mode": "quick" if args.quick else "full",
+                               "settings": asdict(settings),
+                               "machine": machine_info()}
+    checks: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedkd-bench-") as tmp:
+        work = Path(tmp)
+        if args.only in (None, "overhead"):
+            results["engine_overhead"] = bench_overhead(settings, work, log)
+            checks.append(results["engine_overhead"]["check"])
+        if args.only in (None, "real"):
+            results["real_work"] = bench_real_work(settings, work, log)
+            checks += results["real_work"]["checks"]
+    results["checks"] = checks
+    results["total_s"] = time.perf_counter() - began
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    md = out.with_suffix(".md")
+    md.write_text(markdown(results))
+    print()
+    print(table(checks))
+    print(f"\nresults: {out} and {md} ({results['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
