@@ -120,7 +120,7 @@ def test_full_mapping_parses_to_nested_dataclasses() -> None:
     assert scn.clients.train == TrainConfig(0.1, 0.0, 5e-4, 2, 10, 16)
     assert scn.strategy == StrategyConfig("fedavg", {"fraction_evaluate": 0.0})
     assert scn.engine == EngineConfig("flower", 4, Resources(2.0, 0.5), "auto", 2)
-    assert scn.server == ServerConfig(256, 1)
+    assert scn.server == ServerConfig(eval_batch_size=256, teacher_actors=1)
     assert scn.output.dir == "out"
 
 
