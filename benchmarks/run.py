@@ -462,7 +462,7 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None]) -> dict
 
 def fmt_value(c: dict[str, Any]) -> str:
     """A check's value for the tables."""
-    return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.2f}"
+    return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.3f}"
 
 
 def table(checks: Sequence[dict[str, Any]]) -> str:
@@ -477,6 +477,11 @@ def table(checks: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cell(text: str) -> str:
+    """Escape a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report: checks, per-configuration medians and the machine."""
     m = results["machine"]
@@ -484,8 +489,9 @@ def markdown(results: dict[str, Any]) -> str:
            f"{m['date']} — {m['cpu_count']} CPUs, torch {m['torch']}, flwr {m['flwr']}, "
            f"ray {m['ray']}, Python {m['python']}", "",
            "| benchmark | value | target | result | detail |", "|---|---:|---|---|---|"]
-    out += [f"| {c['name']} | {fmt_value(c)} | {c['target']} | "
-            f"{'PASS' if c['pass'] else 'FAIL'} | {c['detail']} |" for c in results["checks"]]
+    out += [f"| {cell(c['name'])} | {fmt_value(c)} | {c['target']} | "
+            f"{'PASS' if c['pass'] else 'FAIL'} | {cell(c['detail'])} |"
+            for c in results["checks"]]
     out += ["", "| configuration | median s/round | timed rounds (s) | final acc |",
             "|---|---:|---|---:|"]
     ov = results.get("engine_overhead", {})

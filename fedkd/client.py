@@ -134,6 +134,22 @@ class ClientEnv:
         """This client's architecture loaded with the arrays of a message."""
         return self.model(arrayrecord_to_state_dict(record))
 
+    def private_model(self, key: str = "model") -> tuple[torch.nn.Module, bool]:
+        """This client's persistent model and whether it existed (else a seeded fresh init).
+
+        The init seed depends on the scenario seed and the client only, not on the round.
+        """
+        seed = seed_for(int(self.config.get("seed", 0)), self.cid, 7)
+        model = self.world.new_model(self.arch, seed=seed)
+        state = self.store.load(self.cid, key)
+        if state is not None:
+            model.load_state_dict(state)
+        return model, state is not None
+
+    def save_private(self, model: torch.nn.Module, key: str = "model") -> None:
+        """Persist this client's model in the state store."""
+        self.store.save(self.cid, key, model.state_dict())
+
     @property
     def train_config(self) -> TrainConfig:
         """Local-training hyper-parameters sent by the strategy."""
@@ -202,6 +218,16 @@ def train(msg: Message, env: ClientEnv) -> RecordDict:
         "arrays": state_dict_to_arrayrecord(model.state_dict()),
         "metrics": MetricRecord({"num-examples": len(data), "train-loss": result.loss}),
     })
+
+
+@client_fn("evaluate.private")
+def evaluate_private(msg: Message, env: ClientEnv) -> RecordDict:
+    """Evaluate this client's persistent model (``state-key``) on the global test set."""
+    model, _ = env.private_model(str(env.config.get("state-key", "model")))
+    test = env.world.data.test
+    loss, acc = evaluate(model, test.x, test.y)
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(test), "eval-loss": loss,
+                                                "eval-acc": acc})})
 
 
 @client_fn("evaluate")

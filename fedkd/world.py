@@ -18,6 +18,7 @@ from fedkd.data.base import TensorSplit
 from fedkd.data.bundle import DataBundle, build_bundle
 from fedkd.data.datasets import DATASETS
 from fedkd.data.partition import PARTITIONERS, class_counts
+from fedkd.ensemble import ModelSpace
 from fedkd.models import assign_archs, build_model
 from fedkd.scenario import Scenario, dump
 
@@ -71,6 +72,11 @@ class World:
             if spec.arch == arch:
                 return dict(spec.params)
         return {}
+
+    def model_space(self) -> ModelSpace:
+        """How to build any of this world's architectures (for teacher ensembles)."""
+        return ModelSpace(self.data.input_shape, self.data.num_classes,
+                          {s.arch: dict(s.params) for s in self.scenario.clients.models})
 
     def new_model(self, arch: str, seed: int) -> torch.nn.Module:
         """A freshly initialised model of ``arch`` shaped for this dataset."""

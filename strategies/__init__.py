@@ -14,6 +14,7 @@ from fedkd.registry import Registry
 
 if TYPE_CHECKING:
     from fedkd.scenario import Scenario
+    from fedkd.world import World
 
 STRATEGIES: Registry[Any] = Registry("strategy")
 
@@ -32,11 +33,18 @@ def get_strategy(name: str) -> Any:
     return STRATEGIES.get(name, "strategy.name")
 
 
-def build_strategy(scn: Scenario) -> Any:
-    """Instantiate the scenario's strategy with its params and the participation settings."""
+def build_strategy(scn: Scenario, world: World | None = None) -> Any:
+    """Instantiate the scenario's strategy with its params and the participation settings.
+
+    When ``world`` is given it is bound to the strategy (server-side data such as the proxy
+    and validation splits, and how to build each architecture).
+    """
     cls = get_strategy(scn.strategy.name)
-    return cls(fraction_train=scn.clients.fraction, min_train_nodes=scn.clients.min_clients,
-               min_available_nodes=scn.clients.num, seed=scn.seed, **scn.strategy.params)
+    strategy = cls(fraction_train=scn.clients.fraction, min_train_nodes=scn.clients.min_clients,
+                   min_available_nodes=scn.clients.num, seed=scn.seed, **scn.strategy.params)
+    if world is not None and hasattr(strategy, "bind"):
+        strategy.bind(world)
+    return strategy
 
 
-from strategies import fedavg  # noqa: E402,F401  (registers the built-in strategies)
+from strategies import fedavg, local  # noqa: E402,F401  (registers the built-in strategies)

@@ -31,7 +31,8 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedkd.comm import join_groups, split_groups
+from fedkd.comm import join_groups, split_groups, state_dict_to_arrayrecord
+from fedkd.world import World
 from strategies import STRATEGIES
 
 
@@ -96,6 +97,19 @@ class FedAvg(FlowerFedAvg):
         self.nodes: list[NodeInfo] = []
         self.current: dict[str, ArrayRecord] = {}
         self.failures: dict[int, int] = {}
+        self.world: World | None = None
+
+    def bind(self, world: World) -> None:
+        """Give the strategy the server-side view of the world (data splits, model space)."""
+        self.world = world
+
+    def initial_arrays(self, world: World) -> ArrayRecord:
+        """Seeded initial global model of every architecture group, keys ``<arch>.<param>``."""
+        arrays: dict[str, Array] = {}
+        for i, arch in enumerate(world.groups):
+            model = world.new_model(arch, seed=world.scenario.seed * 1000 + i)
+            arrays.update(state_dict_to_arrayrecord(model.state_dict(), prefix=arch).items())
+        return ArrayRecord(arrays)
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid, timeout: float = 120.0) -> list[NodeInfo]:

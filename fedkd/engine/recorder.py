@@ -79,7 +79,7 @@ class RunRecorder:
             "train_loss": res.train_metrics.get("train-loss"),
             "bytes_down": down, "bytes_up": up,
             "bytes_down_cum": self.cum[0], "bytes_up_cum": self.cum[1],
-            "participants": sum(1 for t in res.traffic.values() if t.metrics),
+            "participants": sum(1 for t in res.traffic.values() if t.metrics or t.failed),
             "failures": sum(1 for t in res.traffic.values() if t.failed),
             "wall_s": res.seconds, "elapsed_s": time.perf_counter() - self.start,
         })
@@ -88,9 +88,10 @@ class RunRecorder:
             {"round": res.round, "client": self.cid_of(nid), "arch": self.world.archs[
                 self.cid_of(nid)], "bytes_down": t.down, "bytes_up": t.up, "failed": t.failed,
              "train_loss": t.metrics.get("train-loss"),
-             "num_examples": t.metrics.get("num-examples")}
+             "num_examples": t.metrics.get("num-examples"),
+             "eval_acc": t.eval.get("eval-acc"), "eval_loss": t.eval.get("eval-loss")}
             for nid, t in sorted(res.traffic.items(), key=lambda kv: self.cid_of(kv[0]))
-            if t.down or t.up or t.failed or t.metrics])
+            if t.down or t.up or t.failed or t.metrics or t.eval])
         if self.prom is not None:
             self.prom.update(res.round, row.get("acc"), row.get("loss"), down, up)
         acc = row.get("acc")

@@ -32,6 +32,7 @@ class Traffic:
     up: int = 0
     failed: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
 
 
 class AccountingGrid(Grid):
@@ -106,10 +107,11 @@ class AccountingGrid(Grid):
                 t.failed = True
                 continue
             t.up += message_bytes(r.content)
-            if r.metadata.message_type.startswith("train"):
+            kind = r.metadata.message_type.split(".")[0]
+            target = {"train": t.metrics, "evaluate": t.eval}.get(kind)
+            if target is not None:
                 for rec in r.content.metric_records.values():
-                    t.metrics.update({k: v for k, v in rec.items()
-                                      if isinstance(v, int | float)})
+                    target.update({k: v for k, v in rec.items() if isinstance(v, int | float)})
 
 
 def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict[str, float]:
@@ -150,17 +152,6 @@ class RoundResult:
     seconds: float
 
 
-def initial_arrays(world: World) -> ArrayRecord:
-    """Seeded initial global model of every architecture group, keys ``<arch>.<param>``."""
-    from fedkd.comm import state_dict_to_arrayrecord
-
-    arrays: dict[str, Any] = {}
-    for i, arch in enumerate(world.groups):
-        model = world.new_model(arch, seed=world.scenario.seed * 1000 + i)
-        arrays.update(state_dict_to_arrayrecord(model.state_dict(), prefix=arch).items())
-    return ArrayRecord(arrays)
-
-
 def run_rounds(world: World, strategy: Any, grid: Grid,
                on_round: Callable[[RoundResult], None],
                arrays: ArrayRecord | None = None, first_round: int = 1) -> ArrayRecord:
@@ -177,7 +168,8 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
     on_round : Callable
         Called with each finished round's :class:`RoundResult`.
     arrays : ArrayRecord, optional
-        Starting global arrays (default: seeded initial models).
+        Starting global arrays (default: ``strategy.initial_arrays(world)``; none for
+        strategies without a global model, which report accuracy from client evaluation).
     first_round : int
         Round to start from (for resumed runs).
 
@@ -188,7 +180,9 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
     """
     scn = world.scenario
     acct = AccountingGrid(grid)
-    arrays = initial_arrays(world) if arrays is None else arrays
+    if arrays is None:
+        arrays = (strategy.initial_arrays(world) if hasattr(strategy, "initial_arrays")
+                  else ArrayRecord())
     train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout)
     for rnd in range(first_round, scn.rounds + 1):
         start = time.perf_counter()
@@ -201,9 +195,9 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), acct))
         if eval_msgs:
             fed = strategy.aggregate_evaluate(rnd, acct.send_and_receive(eval_msgs))
-            metrics.update({f"fed/{k}": float(v) for k, v in (fed or {}).items()
-                            if isinstance(v, int | float)})
-        if rnd % scn.eval_every == 0 or rnd == scn.rounds:
+            metrics.update({k: float(v) for k, v in (fed or {}).items()
+                            if isinstance(v, int | float) and k != "num-examples"})
+        if len(arrays) and (rnd % scn.eval_every == 0 or rnd == scn.rounds):
             metrics.update(central_evaluate(world, arrays, scn.server.eval_batch_size))
         on_round(RoundResult(round=rnd, arrays=arrays, train_metrics=dict(train_metrics or {}),
                              eval_metrics=metrics, traffic=acct.reset(),

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from fedkd.client import WorldSource, make_client_app
 from fedkd.engine.recorder import RunRecorder
 from fedkd.engine.runner import run_rounds
+from fedkd.ensemble import TeacherEnsemble
 from fedkd.scenario import EngineConfig, Scenario, dump
 from fedkd.world import World, build_world, install_world
 from strategies import build_strategy
@@ -103,6 +104,7 @@ def ray_session(engine: EngineConfig, verbose: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        TeacherEnsemble.shutdown()
         ray.shutdown()
 
 
@@ -170,7 +172,7 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     run_dir = new_run_dir(scn, out)
     source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
     with engine_logs(run_dir, verbose):
-        strategy = build_strategy(scn)
+        strategy = build_strategy(scn, world)
         recorder = RunRecorder(world, run_dir, lambda nid: strategy.node(nid).cid,
                                metrics_port=metrics_port, progress=progress)
         status = "failed"
