@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,23 +44,25 @@ class RunRecorder:
         The simulated world.
     run_dir : Path
         The run folder (created by the caller).
-    cid_of : Callable[[int], int]
-        Maps a Flower node id to the client (partition) id.
+    strategy : Any
+        The running strategy: maps node ids to clients (``node(nid).cid``) and may expose
+        ``teacher_weights[round]`` (rows of per-teacher weights) for ``teachers.parquet``.
     metrics_port : int, optional
         Serve Prometheus metrics on ``127.0.0.1:<port>``.
     progress : bool
         Show a progress bar.
     """
 
-    def __init__(self, world: World, run_dir: Path, cid_of: Callable[[int], int],
+    def __init__(self, world: World, run_dir: Path, strategy: Any,
                  metrics_port: int | None = None, progress: bool = True) -> None:
         self.world = world
         self.run_dir = run_dir
-        self.cid_of = cid_of
+        self.strategy = strategy
         (run_dir / "scenario.yaml").write_text(dump(world.scenario))
         write_partition(world, run_dir)
         self.metrics = ParquetLog(run_dir / "metrics.parquet")
         self.clients = ParquetLog(run_dir / "clients.parquet")
+        self.teachers = ParquetLog(run_dir / "teachers.parquet")
         self.prom = PromExporter(metrics_port) if metrics_port else None
         self.bar = tqdm(total=world.scenario.rounds, desc=world.scenario.name, unit="round",
                         disable=not progress, dynamic_ncols=True)
@@ -85,19 +86,25 @@ class RunRecorder:
         })
         self.metrics.append(row)
         self.clients.extend([
-            {"round": res.round, "client": self.cid_of(nid), "arch": self.world.archs[
-                self.cid_of(nid)], "bytes_down": t.down, "bytes_up": t.up, "failed": t.failed,
+            {"round": res.round, "client": self._cid(nid), "arch": self.world.archs[
+                self._cid(nid)], "bytes_down": t.down, "bytes_up": t.up, "failed": t.failed,
              "train_loss": t.metrics.get("train-loss"),
              "num_examples": t.metrics.get("num-examples"),
              "eval_acc": t.eval.get("eval-acc"), "eval_loss": t.eval.get("eval-loss")}
-            for nid, t in sorted(res.traffic.items(), key=lambda kv: self.cid_of(kv[0]))
+            for nid, t in sorted(res.traffic.items(), key=lambda kv: self._cid(kv[0]))
             if t.down or t.up or t.failed or t.metrics or t.eval])
+        weights = getattr(self.strategy, "teacher_weights", {}).get(res.round)
+        if weights:
+            self.teachers.extend([{"round": res.round, **w} for w in weights])
         if self.prom is not None:
             self.prom.update(res.round, row.get("acc"), row.get("loss"), down, up)
         acc = row.get("acc")
         shown = [f"acc={acc:.4f}"] if acc is not None else []
         self.bar.set_postfix_str(" ".join([*shown, f"MB={sum(self.cum) / 1e6:.2f}"]))
         self.bar.update(1)
+
+    def _cid(self, node_id: int) -> int:
+        return self.strategy.node(node_id).cid
 
     def close(self, status: str) -> dict[str, Any]:
         """Write ``summary.json`` and ``accuracy.png``; return the summary."""

@@ -173,7 +173,7 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
     with engine_logs(run_dir, verbose):
         strategy = build_strategy(scn, world)
-        recorder = RunRecorder(world, run_dir, lambda nid: strategy.node(nid).cid,
+        recorder = RunRecorder(world, run_dir, strategy,
                                metrics_port=metrics_port, progress=progress)
         status = "failed"
         try:

@@ -1,0 +1,397 @@
+"""FedDF: ensemble distillation for robust model fusion in federated learning.
+
+Lin, Kong, Stich, Jaggi, NeurIPS 2020 (reference code: epfml/federated-learning-public-code,
+``codes/FedDF-code``).
+
+Clients train and upload weights exactly as in FedAvg (the base ``"train"`` message and
+handler). The server, each round:
+
+1. averages the returned weights per architecture group (FedAvg); each group's average is
+   that group's *student* initialisation;
+2. takes **every** received client model (any architecture) as a teacher and computes the
+   teachers' logits once on the unlabeled proxy set (``data.public``), in-process or on Ray
+   actors (``server.teacher_actors``);
+3. combines them with the scenario's teacher weighting (uniform by default) into ensemble
+   targets: ``ensemble="logits"`` averages logits (the README command of the reference code,
+   ``avg_logits``), ``"probs"`` averages softmax probabilities at the temperature
+   (``avg_probs``);
+4. distils each student on seeded proxy batches with Adam (``distill_lr=1e-3``), cosine
+   annealing over ``distill_steps`` and gradient-norm clipping at 5 (as the reference code),
+   validating on the server validation split every ``eval_interval`` steps; after
+   ``patience`` evaluations without improvement it stops, and the student with the best
+   validation accuracy is kept, the FedAvg initialisation being the step-0 candidate
+   (the reference's ``return_best_model_on_val``), so distillation never lowers the
+   validation accuracy of the fused model.
+
+Loss conventions (pinned in ``tests/test_feddf.py``):
+
+- direction: forward ``KL(teacher ‖ student)`` (``F.kl_div(log_softmax(student/T),
+  teacher_probs)``), as the reference's ``divergence``;
+- reduction: ``batchmean`` (the per-sample mean of the KL, as the reference);
+- temperature: ``T = 1`` by default (the reference's default); :func:`fedkd.distill.kd_kl`
+  multiplies by ``T²`` (Hinton et al.), which the reference does not; the two agree at the
+  default ``T = 1`` and differ only by a constant factor (absorbed by Adam) otherwise;
+- ``ensemble="probs"`` averages ``softmax(logits/T)`` (the reference softens at ``T = 1``
+  only; using ``T`` keeps both ensembles on the same temperature);
+- detaching: the ensemble targets are computed without gradient (teachers in eval mode,
+  ``torch.no_grad``) and detached inside the loss; only the student is trained, in train
+  mode (BatchNorm statistics adapt to the proxy data, as in the reference).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from torch import nn
+
+from fedkd.client import seed_for
+from fedkd.comm import arrayrecord_to_state_dict, join_groups, state_dict_to_arrayrecord
+from fedkd.data.base import TensorSplit
+from fedkd.distill import kd_kl, kd_kl_probs, weighted_logits, weighted_probs
+from fedkd.ensemble import Teacher, TeacherEnsemble
+from fedkd.errors import ScenarioError
+from fedkd.train import batch_indices, evaluate, fit
+from fedkd.world import World
+from strategies import STRATEGIES
+from strategies.fedavg import FedAvg
+from strategies.weighting import TeacherContext, make_weighting
+
+ENSEMBLES = ("logits", "probs")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------- pure parts
+def ensemble_targets(logits: torch.Tensor, weights: torch.Tensor, ensemble: str = "logits",
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Distillation targets of a teacher ensemble.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(K, N, C)`` teacher logits.
+    weights : torch.Tensor
+        ``(N, K)`` per-sample teacher weights (rows sum to 1).
+    ensemble : str
+        ``"logits"``: weighted mean of logits; ``"probs"``: weighted mean of
+        ``softmax(logits / T)``.
+    temperature : float
+        ``T`` (used by ``"probs"`` only; ``"logits"`` targets are softened in the loss).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, C)`` logits or probabilities.
+    """
+    if ensemble == "logits":
+        return weighted_logits(logits, weights)
+    if ensemble == "probs":
+        return weighted_probs(logits, weights, temperature)
+    raise ScenarioError("strategy.params.ensemble", ensemble, " | ".join(ENSEMBLES))
+
+
+def distill_loss(ensemble: str, temperature: float) -> LossFn:
+    """``loss(student_logits, targets)`` for targets made by :func:`ensemble_targets`."""
+    if ensemble == "logits":
+        return lambda s, t: kd_kl(s, t, temperature)
+    if ensemble == "probs":
+        return lambda s, t: kd_kl_probs(s, t, temperature)
+    raise ScenarioError("strategy.params.ensemble", ensemble, " | ".join(ENSEMBLES))
+
+
+class ClippedAdam(torch.optim.Adam):
+    """Adam that clips the global gradient norm before each step (0 disables clipping)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, max_norm: float) -> None:
+        super().__init__(params, lr=lr)
+        self.max_norm = max_norm
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Clip, then take an Adam step."""
+        if self.max_norm > 0:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        return super().step(closure)
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """Outcome of distilling one student.
+
+    Attributes
+    ----------
+    state : dict[str, torch.Tensor]
+        The kept student (best validation accuracy; the last one without validation).
+    steps : int
+        Optimisation steps run (before early stopping).
+    best_step : int
+        Step of the kept student (0: the initialisation).
+    val_before, val_after : float
+        Validation accuracy of the initialisation and of the kept student (nan without
+        validation data).
+    """
+
+    state: dict[str, torch.Tensor]
+    steps: int
+    best_step: int
+    val_before: float
+    val_after: float
+
+
+def _val_acc(model: nn.Module, val: TensorSplit | None) -> float:
+    return float("nan") if val is None else evaluate(model, val.x, val.y)[1]
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
+            steps: int, batch_size: int, lr: float, seed: int, val: TensorSplit | None,
+            eval_interval: int, patience: int, max_grad_norm: float = 5.0) -> DistillResult:
+    """Distil ``targets`` on ``x`` into ``student`` with Adam, cosine annealing, early stopping.
+
+    Parameters
+    ----------
+    student : nn.Module
+        Trained in place, then loaded with the kept state.
+    x, targets : torch.Tensor
+        Proxy inputs and their ensemble targets (row-aligned).
+    loss_fn : Callable
+        ``loss_fn(student_logits, targets[idx])``.
+    steps, batch_size, lr : int, int, float
+        Step budget (also the cosine period), proxy batch size, initial Adam learning rate.
+    seed : int
+        Seeds the batch order.
+    val : TensorSplit, optional
+        Validation split: evaluated before training and every ``eval_interval`` steps; the
+        best student (ties keep the earlier one) is kept. Without it, the last student is.
+    eval_interval, patience : int
+        Steps between evaluations; evaluations without improvement before stopping
+        (0: never stop early).
+    max_grad_norm : float
+        Gradient-norm clipping (0 disables).
+    """
+    best_acc = val_before = _val_acc(student, val)
+    best_state, best_step, done, bad = _snapshot(student), 0, 0, 0
+    if steps <= 0 or len(x) == 0:
+        return DistillResult(best_state, 0, 0, val_before, val_before)
+    optimizer = ClippedAdam(student.parameters(), lr=lr, max_norm=max_grad_norm)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    batches: Iterator[torch.Tensor] = batch_indices(
+        len(x), batch_size, torch.Generator().manual_seed(seed), steps=steps)
+    interval = eval_interval if val is not None else steps
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        return loss_fn(student(x[idx]), targets[idx])
+
+    while done < steps:
+        ran = fit(student, optimizer, islice(batches, min(interval, steps - done)), step_loss,
+                  scheduler).steps
+        if ran == 0:
+            break
+        done += ran
+        if val is None:
+            continue
+        acc = _val_acc(student, val)
+        if acc > best_acc:
+            best_acc, best_state, best_step, bad = acc, _snapshot(student), done, 0
+        else:
+            bad += 1
+            if 0 < patience <= bad:
+                break
+    if val is None:
+        best_state, best_step = _snapshot(student), done
+    student.load_state_dict(best_state)
+    return DistillResult(best_state, done, best_step, val_before, best_acc)
+
+
+# ---------------------------------------------------------------------------------- strategy
+@STRATEGIES.register("feddf")
+class FedDF(FedAvg):
+    """FedAvg per architecture, then ensemble distillation of all client models on proxy data.
+
+    Parameters
+    ----------
+    fraction_train, min_train_nodes, min_available_nodes, seed, fraction_evaluate
+        As :class:`strategies.fedavg.FedAvg`.
+    ensemble : str
+        ``"logits"`` (average logits, FedDF's default) or ``"probs"`` (average softmax).
+    temperature : float
+        Distillation temperature ``T``.
+    distill_steps : int
+        Server distillation steps per group and round (also the cosine-annealing period).
+    distill_batch_size : int
+        Proxy samples per distillation step.
+    distill_lr : float
+        Adam's initial learning rate.
+    eval_interval : int
+        Steps between validation evaluations.
+    patience : int
+        Evaluations without improvement before stopping (0: no early stopping; then the
+        validation split is optional).
+    max_grad_norm : float
+        Gradient-norm clipping of the student (reference: 5; 0 disables).
+    weighting : str
+        Teacher weighting (``strategies/weighting.py``).
+    weighting_params : dict, optional
+        Its parameters.
+    """
+
+    def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
+                 min_available_nodes: int = 1, seed: int = 0, fraction_evaluate: float = 0.0,
+                 ensemble: str = "logits", temperature: float = 1.0, distill_steps: int = 200,
+                 distill_batch_size: int = 64, distill_lr: float = 1e-3,
+                 eval_interval: int = 20, patience: int = 3, max_grad_norm: float = 5.0,
+                 weighting: str = "uniform",
+                 weighting_params: dict[str, Any] | None = None) -> None:
+        super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
+                         min_available_nodes=min_available_nodes, seed=seed,
+                         fraction_evaluate=fraction_evaluate)
+        _check_params(ensemble=ensemble, temperature=temperature, distill_steps=distill_steps,
+                      distill_batch_size=distill_batch_size, distill_lr=distill_lr,
+                      eval_interval=eval_interval, patience=patience,
+                      max_grad_norm=max_grad_norm)
+        self.ensemble = ensemble
+        self.temperature = temperature
+        self.distill_steps = distill_steps
+        self.distill_batch_size = distill_batch_size
+        self.distill_lr = distill_lr
+        self.eval_interval = eval_interval
+        self.patience = patience
+        self.max_grad_norm = max_grad_norm
+        self.weighting = weighting
+        self.weighting_params = dict(weighting_params or {})
+        self.weigh = make_weighting(weighting, self.weighting_params)
+        self.teacher_weights: dict[int, list[dict[str, float]]] = {}
+        self.distill_log: dict[int, dict[str, float]] = {}
+
+    def bind(self, world: World) -> None:
+        """Bind the world; FedDF needs a proxy split (and a validation split to early-stop)."""
+        d = world.scenario.data
+        if world.data.public is None or len(world.data.public) == 0:
+            raise ScenarioError("data.public.fraction", d.public.fraction,
+                                "a fraction > 0 (or data.public.dataset): FedDF distils on "
+                                "an unlabeled proxy split")
+        if self.patience > 0 and (world.data.val is None or len(world.data.val) == 0):
+            raise ScenarioError("data.val_fraction", d.val_fraction,
+                                "a fraction > 0: FedDF early-stops on the server validation "
+                                "split (or set strategy.params.patience: 0)")
+        super().bind(world)
+
+    # -------------------------------------------------------------------------- aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg per group, then distil the ensemble of all client models into each group."""
+        ok = self.split_replies(server_round, replies)
+        if not ok:
+            return None, None
+        groups = self.aggregate_groups(ok)
+        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
+        targets = self.ensemble_targets(server_round, ok)
+        fused, stats = self.distill_groups(server_round, groups, targets)
+        for key, value in stats.items():
+            metrics[key] = value
+        self.distill_log[server_round] = stats
+        return join_groups(fused), metrics
+
+    def teachers(self, replies: Sequence[Message]) -> TeacherEnsemble:
+        """Every replying client's model as a teacher, in reply order."""
+        world = self._world()
+        teachers = [Teacher(cid=self.node(r.metadata.src_node_id).cid,
+                            arch=self.node(r.metadata.src_node_id).arch,
+                            state=arrayrecord_to_state_dict(r.content.array_records["arrays"]))
+                    for r in replies]
+        return TeacherEnsemble(world.model_space(), teachers,
+                               actors=world.scenario.server.teacher_actors,
+                               batch_size=world.scenario.server.eval_batch_size)
+
+    def ensemble_targets(self, server_round: int, replies: Sequence[Message]) -> torch.Tensor:
+        """Ensemble targets on the proxy set (one teacher pass per round); records weights."""
+        data = self._world().data
+        public, val = data.public, data.val
+        assert public is not None
+        x = public.x if val is None else torch.cat([public.x, val.x])
+        all_logits = self.teachers(replies).logits(x)
+        logits = all_logits[:, :len(public)]
+        val_scores = None
+        if val is not None:
+            val_scores = (all_logits[:, len(public):].argmax(2) == val.y).double().mean(1)
+        ctx = TeacherContext(
+            num_examples=torch.tensor([float(r.content.metric_records["metrics"]["num-examples"])
+                                       for r in replies], dtype=torch.float64),
+            label_counts=torch.tensor([self.node(r.metadata.src_node_id).label_counts
+                                       for r in replies], dtype=torch.float64),
+            val_scores=val_scores)
+        labels = public.y if data.public_labeled else None
+        weights = self.weigh(logits, ctx, labels)
+        self.teacher_weights[server_round] = [
+            {"client": self.node(r.metadata.src_node_id).cid, "weight": float(w)}
+            for r, w in zip(replies, weights.mean(0), strict=True)]
+        return ensemble_targets(logits, weights, self.ensemble, self.temperature)
+
+    def distill_groups(self, server_round: int, groups: dict[str, ArrayRecord],
+                       targets: torch.Tensor) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
+        """Distil ``targets`` into each group's FedAvg model; returns models and round stats."""
+        world = self._world()
+        space, public = world.model_space(), world.data.public
+        assert public is not None
+        loss_fn = distill_loss(self.ensemble, self.temperature)
+        fused: dict[str, ArrayRecord] = {}
+        results: dict[str, DistillResult] = {}
+        for i, (arch, rec) in enumerate(groups.items()):
+            student = space.build(arch, arrayrecord_to_state_dict(rec))
+            results[arch] = distill(
+                student, public.x, targets, loss_fn, steps=self.distill_steps,
+                batch_size=self.distill_batch_size, lr=self.distill_lr,
+                seed=seed_for(self.seed, server_round, i, 101), val=world.data.val,
+                eval_interval=self.eval_interval, patience=self.patience,
+                max_grad_norm=self.max_grad_norm)
+            fused[arch] = state_dict_to_arrayrecord(results[arch].state)
+        return fused, round_stats(results, Counter(world.archs))
+
+    def _world(self) -> World:
+        if self.world is None:
+            raise RuntimeError("FedDF needs the world: call bind(world) first")
+        return self.world
+
+
+def round_stats(results: dict[str, DistillResult], share: Counter[str]) -> dict[str, float]:
+    """Round metrics: steps summed over groups, validation accuracies averaged by client share.
+
+    Per-group values (``<key>/<arch>``) are added when there is more than one group.
+    """
+    total = sum(share[a] for a in results) or 1
+    stats: dict[str, float] = {
+        "distill-steps": sum(r.steps for r in results.values()),
+        "val-acc-avg": sum(r.val_before * share[a] for a, r in results.items()) / total,
+        "val-acc-distilled": sum(r.val_after * share[a] for a, r in results.items()) / total,
+    }
+    if len(results) > 1:
+        for arch, r in results.items():
+            stats.update({f"distill-steps/{arch}": r.steps, f"val-acc-avg/{arch}": r.val_before,
+                          f"val-acc-distilled/{arch}": r.val_after})
+    return stats
+
+
+def _check_params(**p: Any) -> None:
+    """Reject out-of-range constructor values with the YAML key path."""
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "ensemble": (lambda v: v in ENSEMBLES, " | ".join(ENSEMBLES)),
+        "temperature": (lambda v: v > 0, "a number > 0"),
+        "distill_steps": (lambda v: v >= 0, "an integer >= 0"),
+        "distill_batch_size": (lambda v: v > 0, "an integer > 0"),
+        "distill_lr": (lambda v: v > 0, "a number > 0"),
+        "eval_interval": (lambda v: v > 0, "an integer > 0"),
+        "patience": (lambda v: v >= 0, "an integer >= 0"),
+        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
+    }
+    for name, (ok, allowed) in rules.items():
+        if not ok(p[name]):
+            raise ScenarioError(f"strategy.params.{name}", p[name], allowed)
