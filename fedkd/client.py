@@ -116,6 +116,12 @@ class ClientEnv:
         """This client's private training data."""
         return self.world.client_data(self.cid)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this client trains: a GPU when the scenario gives clients GPUs and one exists."""
+        gpus = self.world.scenario.engine.client_resources.num_gpus
+        return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+
     def seed(self, purpose: int = 0) -> int:
         """Seed for this client, round and purpose."""
         return seed_for(int(self.config.get("seed", 0)), self.server_round, self.cid, purpose)
@@ -123,9 +129,9 @@ class ClientEnv:
     def model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """This client's architecture loaded with ``state`` (a fresh seeded init if None)."""
         if state is None:
-            return self.world.new_model(self.arch, seed=self.seed(1))
+            return self.world.new_model(self.arch, seed=self.seed(1)).to(self.device)
         if self.arch not in _SKELETONS:
-            _SKELETONS[self.arch] = self.world.new_model(self.arch, seed=0)
+            _SKELETONS[self.arch] = self.world.new_model(self.arch, seed=0).to(self.device)
         model = _SKELETONS[self.arch]
         model.load_state_dict(state)
         return model
@@ -140,7 +146,7 @@ class ClientEnv:
         The init seed depends on the scenario seed and the client only, not on the round.
         """
         seed = seed_for(int(self.config.get("seed", 0)), self.cid, 7)
-        model = self.world.new_model(self.arch, seed=seed)
+        model = self.world.new_model(self.arch, seed=seed).to(self.device)
         state = self.store.load(self.cid, key)
         if state is not None:
             model.load_state_dict(state)

@@ -120,10 +120,11 @@ def train_supervised(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
         generator regulariser or a mutual-learning KL term).
     """
     gen = torch.Generator().manual_seed(seed)
+    dev = device_of(model)
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        logits = model(x[idx])
-        loss = F.cross_entropy(logits, y[idx])
+        logits = model(x[idx].to(dev, non_blocking=True))
+        loss = F.cross_entropy(logits, y[idx].to(dev, non_blocking=True))
         if extra_loss is not None:
             loss = loss + extra_loss(idx, logits)
         return loss
@@ -132,13 +133,21 @@ def train_supervised(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
     return fit(model, sgd(model, cfg), batches, step_loss)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device a model's parameters live on (CPU for a parameterless model)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in eval mode, batched."""
+    """Logits of ``model`` on ``x`` in eval mode, batched, returned on the CPU."""
     model.eval()
     if len(x) == 0:
         return torch.empty(0)
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    dev = device_of(model)
+    return torch.cat([model(x[i:i + batch_size].to(dev)).cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

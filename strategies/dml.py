@@ -1,0 +1,246 @@
+"""Deep mutual learning among federated peers.
+
+Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018. In DML a cohort of
+networks trains together on the *same* mini-batch: network ``k`` minimises
+``CE(y, p_k) + 1/(K-1) sum_{l != k} KL(p_l ‖ p_k)``, each peer's prediction ``p_l`` taken as
+a constant (the networks are updated in turn). Federated peers share no private data, so
+here the peers' predictions are *relayed* on shared public inputs (DESIGN.md section 4, "DML:
+relay peer predictions"):
+
+1. each round the sampled peers receive a seeded public subset (only its seed and size travel,
+   ``public_size = 500`` samples, capped at the public split) and upload their logits on it
+   (``query.dml_logits``, one ``N x C`` float32 array each);
+2. the server sends each peer the leave-one-out ensemble of the *other* peers' logits,
+   ``t_k[n] = sum_{l != k} w_k[n, l] * logits[l, n]``, with ``w_k`` from the weighting plug
+   over the other peers only (uniform by default: the plain mean of the other peers' logits);
+3. each peer trains its private model (kept in the state store) for the scenario's local
+   epochs; every SGD step takes one private batch and one public batch (interleaved through
+   ``train_supervised(extra_loss=...)``, so one step optimises DML's joint objective)::
+
+       loss = CE(model(x_priv), y_priv)
+              + kl_weight * T² * KL(softmax(t_k[b] / T) ‖ softmax(model(x_pub[b]) / T))
+
+   i.e. :func:`fedkd.distill.mutual_kl` with ``reduction="batchmean"``, the peer target
+   detached, ``temperature = 1`` and ``kl_weight = 1`` by default (the paper's setting).
+   Public batches have the scenario's batch size and cycle through fresh seeded
+   permutations of the subset.
+
+What differs from in-batch DML: the peers' predictions are those of the start of the round
+(stale within the local epochs, like any federated relay), the KL term lives on public
+rather than private inputs, and the K-1 peers are mimicked through one (weighted) ensemble
+target instead of an average of K-1 KL terms -- the paper's "DML_e" variant, which it reports
+as slightly weaker than averaging the KLs but which needs one target array per peer instead
+of K-1 and lets the weighting plug choose the peers' weights. A peer sampled alone trains
+with cross-entropy only. Accuracy is the mean test accuracy of the peers' private models
+(``evaluate.private``, inherited from :class:`strategies.local.Local`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedkd.client import ClientEnv, client_fn, seed_for
+from fedkd.distill import mutual_kl, weighted_logits
+from fedkd.train import batch_indices, predict, train_supervised
+from fedkd.world import World
+from strategies import STRATEGIES
+from strategies.fedavg import NodeInfo
+from strategies.fedmd import (
+    alignment_inputs,
+    check_positive,
+    logits_record,
+    public_subset,
+    query_logits,
+    record_logits,
+    require_public,
+    teacher_context,
+)
+from strategies.local import Local
+from strategies.weighting import TeacherContext, Weighting, make_weighting
+
+QUERY_TYPE = f"{MessageType.QUERY}.dml_logits"
+TRAIN_TYPE = f"{MessageType.TRAIN}.dml"
+
+
+def sub_context(ctx: TeacherContext, keep: torch.Tensor) -> TeacherContext:
+    """The context of the teachers selected by the boolean mask ``keep``."""
+    val = None if ctx.val_scores is None else ctx.val_scores[keep]
+    return TeacherContext(ctx.num_examples[keep], ctx.label_counts[keep], val)
+
+
+def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
+                  labels: torch.Tensor | None = None,
+                  ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """Each peer's target: the weighted ensemble of the *other* peers' logits.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(K, N, C)`` logits of K peers on N public samples.
+    weighting : Weighting
+        The weighting plug, called once per peer over the other K-1 peers.
+    ctx : TeacherContext
+        What the server knows about the K peers.
+    labels : torch.Tensor, optional
+        Public labels, only when the public split is labeled.
+
+    Returns
+    -------
+    tuple[list, torch.Tensor]
+        ``targets[k]``: ``(N, C)`` target of peer k (None when K = 1); and the ``(K, K)``
+        matrix ``M[k, l]`` of the mean (over samples) weight of teacher l in peer k's target
+        (zero diagonal).
+    """
+    k_peers = logits.shape[0]
+    targets: list[torch.Tensor | None] = []
+    mean_w = torch.zeros(k_peers, k_peers, dtype=torch.float64)
+    for k in range(k_peers):
+        keep = torch.arange(k_peers) != k
+        if not keep.any():
+            targets.append(None)
+            continue
+        w = weighting(logits[keep], sub_context(ctx, keep), labels)
+        targets.append(weighted_logits(logits[keep], w))
+        mean_w[k, keep] = w.to(torch.float64).mean(dim=0)
+    return targets, mean_w
+
+
+def teacher_rows(nodes: Sequence[NodeInfo], mean_w: torch.Tensor) -> list[dict[str, Any]]:
+    """Per teacher, its mean weight over the targets of the peers it teaches."""
+    k_peers = len(nodes)
+    if k_peers < 2:
+        return []
+    per_teacher = mean_w.sum(dim=0) / (k_peers - 1)
+    return [{"client": n.cid, "weight": float(w)} for n, w in zip(nodes, per_teacher,
+                                                                  strict=True)]
+
+
+@STRATEGIES.register("dml")
+class DML(Local):
+    """Deep mutual learning among peers through predictions relayed on public inputs.
+
+    Parameters
+    ----------
+    fraction_train, min_train_nodes, min_available_nodes, seed
+        Participation and seeding (from the scenario).
+    public_size : int
+        Public samples per round on which predictions are exchanged (capped at the split).
+    temperature : float
+        Softening temperature of the mutual KL term (``T²``-scaled).
+    kl_weight : float
+        Weight of the KL term next to the cross-entropy.
+    weighting : str
+        Weighting plug combining the other peers into one target (``strategies/weighting.py``).
+    weighting_params : dict, optional
+        Its parameters.
+    """
+
+    train_type = TRAIN_TYPE
+
+    def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
+                 min_available_nodes: int = 1, seed: int = 0, public_size: int = 500,
+                 temperature: float = 1.0, kl_weight: float = 1.0, weighting: str = "uniform",
+                 weighting_params: dict[str, Any] | None = None) -> None:
+        super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
+                         min_available_nodes=min_available_nodes, seed=seed)
+        check_positive("strategy.params.public_size", public_size)
+        check_positive("strategy.params.temperature", temperature)
+        self.public_size = public_size
+        self.temperature = temperature
+        self.kl_weight = kl_weight
+        self.weighting = weighting
+        self.weighting_params = weighting_params
+        self.weigh = make_weighting(weighting, weighting_params)
+        self.teacher_weights: dict[int, list[dict[str, Any]]] = {}
+
+    def bind(self, world: World) -> None:
+        """Bind the world; DML among peers needs a public split."""
+        require_public(world, "dml")
+        super().bind(world)
+
+    def subset_seed(self, server_round: int) -> int:
+        """Seed of this round's public subset."""
+        return seed_for(self.seed, server_round, 4343)
+
+    def public_labels(self, server_round: int) -> torch.Tensor | None:
+        """Labels of this round's public subset if the public split is labeled."""
+        if self.world is None or not self.world.data.public_labeled:
+            return None
+        pub = self.world.data.public
+        return pub.y[public_subset(len(pub), self.public_size, self.subset_seed(server_round))]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Collect the peers' logits, return each peer's leave-one-out target to train on."""
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        cfg = ConfigRecord({**dict(config), "server-round": server_round,
+                            "subset-seed": self.subset_seed(server_round),
+                            "subset-size": self.public_size,
+                            "temperature": self.temperature, "kl-weight": self.kl_weight})
+        replies = query_logits(grid, nodes, cfg, QUERY_TYPE, server_round)
+        if not replies:
+            return []
+        peers = [self.node(r.metadata.src_node_id) for r in replies]
+        logits = torch.stack([record_logits(r.content.array_records["logits"])
+                              for r in replies])
+        targets, mean_w = leave_one_out(logits, self.weigh, teacher_context(peers),
+                                        self.public_labels(server_round))
+        self.teacher_weights[server_round] = teacher_rows(peers, mean_w)
+        return [self.peer_message(n, t, cfg, server_round) for n, t in zip(peers, targets,
+                                                                           strict=True)]
+
+    def peer_message(self, node: NodeInfo, target: torch.Tensor | None, cfg: ConfigRecord,
+                     server_round: int) -> Message:
+        """The train message of one peer (its target, if it has peers this round)."""
+        content = RecordDict({"config": cfg})
+        if target is not None:
+            content["peers"] = logits_record(target)
+        return Message(content, dst_node_id=node.node_id, message_type=self.train_type,
+                       group_id=str(server_round))
+
+
+# ----------------------------------------------------------------------------- client side
+@client_fn(QUERY_TYPE)
+def dml_logits(msg: Message, env: ClientEnv) -> RecordDict:
+    """Reply this peer's logits on the round's public subset."""
+    model, _ = env.private_model()
+    return RecordDict({"logits": logits_record(predict(model, alignment_inputs(env)))})
+
+
+@client_fn(TRAIN_TYPE)
+def dml_train(msg: Message, env: ClientEnv) -> RecordDict:
+    """Local epochs of CE on private batches + mutual KL on public batches, then save."""
+    model, _ = env.private_model()
+    cfg = env.train_config
+    records = msg.content.array_records
+    kl_total: list[float] = []
+    extra = None
+    if "peers" in records:
+        x_pub = alignment_inputs(env)
+        target = record_logits(records["peers"])
+        gen = torch.Generator().manual_seed(env.seed(20))
+        public_batches = batch_indices(len(x_pub), cfg.batch_size, gen, steps=sys.maxsize)
+        temperature = float(env.config["temperature"])
+        weight = float(env.config["kl-weight"])
+
+        def extra(idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            b = next(public_batches)
+            kl = mutual_kl(model(x_pub[b]), [target[b]], temperature)
+            kl_total.append(float(kl.detach()))
+            return weight * kl
+
+    result = train_supervised(model, env.data.x, env.data.y, cfg, seed=env.seed(),
+                              extra_loss=extra)
+    env.save_private(model)
+    kl_mean = sum(kl_total) / len(kl_total) if kl_total else 0.0
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(env.data),
+                                                "train-loss": result.loss,
+                                                "kl-loss": kl_mean})})
