@@ -1,0 +1,129 @@
+"""The engine: Flower task identity, actor load balancing, byte accounting, RayGrid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.client import WorldSource
+from fedkd.engine.ray_grid import NODE_BASE, SERVER_NODE_ID, RayGrid, balance, set_task_identity
+from fedkd.engine.runner import AccountingGrid
+from fedkd.scenario import dump, from_dict
+from fedkd.world import build_world
+
+
+def test_flower_message_needs_task_identity() -> None:
+    """Flower builds instruction messages from its process task identity; fedkd sets it.
+
+    If a Flower upgrade renames or moves this, every engine breaks: this test says so first.
+    """
+    set_task_identity(SERVER_NODE_ID)
+    msg = Message(RecordDict(), dst_node_id=NODE_BASE + 3, message_type="query.ping")
+    assert TaskIdentity.node_id == SERVER_NODE_ID
+    assert msg.metadata.src_node_id == SERVER_NODE_ID
+    assert msg.metadata.dst_node_id == NODE_BASE + 3
+    reply = Message(RecordDict(), reply_to=msg)
+    assert reply.metadata.src_node_id == NODE_BASE + 3
+    assert reply.metadata.dst_node_id == SERVER_NODE_ID
+
+
+def test_balance_longest_processing_time_first() -> None:
+    plan = balance([5, 1, 4, 2, 3], 2)
+    assert plan == [[0, 1, 3], [2, 4]]
+    loads = [sum([5, 1, 4, 2, 3][i] for i in b) for b in plan]
+    assert sorted(loads) == [7, 8]
+    assert balance([1, 1, 1], 5) == [[0], [1], [2], [], []]
+
+
+class EchoGrid(Grid):
+    """A toy grid that replies to each message in reverse order with a fixed payload."""
+
+    def __init__(self, reply_array: np.ndarray) -> None:
+        self.reply_array = reply_array
+
+    def set_run(self, run: object) -> None:  # pragma: no cover - unused
+        pass
+
+    @property
+    def run(self) -> object:  # pragma: no cover - unused
+        return None
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1, 2, 3]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        content = RecordDict({"arrays": ArrayRecord({"r": Array(self.reply_array)})})
+        return [Message(content, reply_to=m) for m in reversed(list(messages))]
+
+
+def test_accounting_counts_exact_bytes_and_orders_replies() -> None:
+    set_task_identity(SERVER_NODE_ID)
+    down = np.zeros(10, dtype=np.float32)  # 40 bytes of data + the .npy header
+    up = np.zeros(3, dtype=np.int64)  # 24 bytes of data + the .npy header
+    header = len(Array(np.zeros(0, dtype=np.float32)).data)
+    grid = AccountingGrid(EchoGrid(up))
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(down)}),
+                          "config": ConfigRecord({"lr": 0.1})})
+    msgs = [Message(content, dst_node_id=n, message_type="train") for n in (7, 5, 9)]
+    replies = list(grid.send_and_receive(msgs))
+    assert [r.metadata.src_node_id for r in replies] == [7, 5, 9]
+    traffic = grid.reset()
+    assert sorted(traffic) == [5, 7, 9]
+    assert {t.down for t in traffic.values()} == {40 + header}
+    assert {t.up for t in traffic.values()} == {24 + header}
+    assert grid.reset() == {}
+
+
+@pytest.fixture(scope="module")
+def ray_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterable[RayGrid]:
+    import ray
+
+    scn = from_dict({"name": "engine", "data": {"name": "synthetic",
+                                                "params": {"train_size": 200, "test_size": 50}},
+                     "partition": {"name": "iid"}, "clients": {"num": 6}})
+    world = build_world(scn)
+    run_dir: Path = tmp_path_factory.mktemp("engine")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    grid = RayGrid(world, WorldSource(dump(scn), str(run_dir)), actors=2)
+    yield grid
+    grid.shutdown()
+    ray.shutdown()
+
+
+def test_ray_grid_replies_in_order_and_errors_become_replies(ray_grid: RayGrid) -> None:
+    ids = list(ray_grid.get_node_ids())
+    assert ids == [NODE_BASE + c for c in range(6)]
+    order = [ids[4], ids[0], ids[5], ids[2]]
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.ping") for n in order]
+    msgs.append(Message(RecordDict(), dst_node_id=ids[1], message_type="query.nothing"))
+    replies = list(ray_grid.send_and_receive(msgs))
+    assert [r.metadata.src_node_id for r in replies] == [*order, ids[1]]
+    assert [r.has_error() for r in replies] == [False] * 4 + [True]
+    assert "nothing" in replies[-1].error.reason
+
+
+def test_ray_grid_handshake_reports_partition(ray_grid: RayGrid) -> None:
+    ids = list(ray_grid.get_node_ids())
+    msgs = [Message(RecordDict({"config": ConfigRecord({"seed": 0})}), dst_node_id=n,
+                    message_type="query.hello") for n in ids]
+    replies = list(ray_grid.send_and_receive(msgs))
+    pids = [int(r.content.metric_records["metrics"]["partition-id"]) for r in replies]
+    sizes = [int(r.content.metric_records["metrics"]["num-examples"]) for r in replies]
+    assert pids == list(range(6))
+    assert sum(sizes) == 200
