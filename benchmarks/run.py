@@ -185,6 +185,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def wait_quiet(seconds: float, log: Callable[[str], None]) -> None:
+    """Wait at most ``seconds`` until the 1-minute load average is below the CPU count."""
+    deadline = time.monotonic() + seconds
+    cpus = os.cpu_count() or 1
+    load = loadavg()
+    if load is None or load < cpus or seconds <= 0:
+        return
+    log(f"  load average {load:.1f} >= {cpus} CPUs: waiting for a quieter machine")
+    while time.monotonic() < deadline and (load := loadavg() or 0.0) >= cpus:
+        time.sleep(5)
+    log(f"  load average now {load:.1f}")
+
+
 def run_child(args: list[str], log: Path, timeout: float = CHILD_TIMEOUT_S) -> float:
     """Run ``python <args>`` from the repository root, output to ``log``; return its seconds.
 
@@ -212,10 +230,11 @@ def run_benchmark_child(kind: str, spec: dict[str, Any], work: Path) -> dict[str
     spec_path, out_path = work / f"{kind}.spec.json", work / f"{kind}.out.json"
     spec_path.write_text(json.dumps(spec))
     tag = spec.get("tag", kind)
+    before = loadavg()
     seconds = run_child(["-m", "benchmarks.run", "--child", kind, "--spec", str(spec_path),
                          "--child-out", str(out_path)], work / f"{tag}.log")
     result = json.loads(out_path.read_text())
-    result["process_s"] = seconds
+    result.update(process_s=seconds, loadavg_before=before, loadavg_after=loadavg())
     return result
 
 
@@ -349,9 +368,11 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
     test = world.data.test
     cfg = scn.clients.train
     startup = time.perf_counter() - start
-    seconds, accs = [], []
+    seconds: list[float] = []
+    cpu: list[float] = []
+    accs: list[float] = []
     for rnd in range(1, scn.rounds + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         states, weights = [], []
         for cid, d in enumerate(data):
             model.load_state_dict(state)
@@ -362,8 +383,9 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
         model.load_state_dict(state)
         _, acc = evaluate(model, test.x, test.y, scn.server.eval_batch_size)
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         accs.append(acc)
-    return {"seconds": seconds, "acc": accs, "startup_s": startup,
+    return {"seconds": seconds, "cpu_s": cpu, "acc": accs, "startup_s": startup,
             "threads": torch.get_num_threads()}
 
 
@@ -379,13 +401,16 @@ def run_fedkd(name: str, yaml_path: Path, work: Path) -> dict[str, Any]:
             "--no-progress"]
     for o in FEDKD_CONFIGS[name]:
         args += ["--set", o]
+    before = loadavg()
     seconds = run_child(args, work / f"{name}.log")
+    after = loadavg()
     (metrics,) = out_dir.glob("*/*/metrics.parquet")
     rows = sorted(pq.read_table(metrics).to_pylist(), key=lambda r: r["round"])
     summary = json.loads((metrics.parent / "summary.json").read_text())
     return {"seconds": [float(r["wall_s"]) for r in rows],
             "acc": [float(r["acc"]) for r in rows],
             "process_s": seconds, "run_wall_s": summary["wall_s"],
+            "loadavg_before": before, "loadavg_after": after,
             "overrides": FEDKD_CONFIGS[name]}
 
 
@@ -405,7 +430,8 @@ def check(target: Target, value: float, **extra: Any) -> dict[str, Any]:
             "pass": bool(target.check(value)), **extra}
 
 
-def bench_overhead(s: Settings, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_overhead(s: Settings, work: Path, log: Callable[[str], None],
+                   quiet: float = 0.0) -> dict[str, Any]:
     """Benchmark 1: ping rounds on RayGrid vs Flower's simulation engine."""
     spec = {"scenario": overhead_scenario(s.ping_clients), "warmup": s.ping_warmup,
             "rounds": s.ping_rounds}
@@ -414,6 +440,7 @@ def bench_overhead(s: Settings, work: Path, log: Callable[[str], None]) -> dict[
     for engine in ("fedkd", "flower"):
         log(f"engine overhead: {engine} ({s.ping_clients} clients, "
             f"{s.ping_warmup}+{s.ping_rounds} rounds)")
+        wait_quiet(quiet, log)
         raw = run_benchmark_child(f"overhead-{engine}",
                                   {**spec, "run_dir": str(work / f"ping_{engine}")}, work)
         res[engine] = {**raw, "timed_s": raw["seconds"], "median_s": median(raw["seconds"])}
@@ -425,7 +452,8 @@ def bench_overhead(s: Settings, work: Path, log: Callable[[str], None]) -> dict[
     return res
 
 
-def bench_real_work(s: Settings, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
+                    quiet: float = 0.0) -> dict[str, Any]:
     """Benchmark 2: FedAvg on Fashion-MNIST, plain loops vs fedkd, 1 and 2 cores."""
     from fedkd.scenario import dump, from_dict
 
@@ -435,6 +463,7 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None]) -> dict
     res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
     for name in ("P1", "F1", "P2", "F2"):
         log(f"real work: {name}")
+        wait_quiet(quiet, log)
         if name.startswith("P"):
             out = run_benchmark_child("plain", {"scenario": raw, "threads": int(name[1]),
                                                 "tag": name}, work)
@@ -484,6 +513,11 @@ def cell(text: str) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report: checks, per-configuration medians and the machine."""
+
+    def load(e: dict[str, Any]) -> str:
+        before, after = e.get("loadavg_before"), e.get("loadavg_after")
+        return "" if before is None else f"{before:.1f} → {after:.1f}"
+
     m = results["machine"]
     out = [f"# fedkd benchmarks ({results['mode']})", "",
            f"{m['date']} — {m['cpu_count']} CPUs, torch {m['torch']}, flwr {m['flwr']}, "
@@ -492,21 +526,21 @@ def markdown(results: dict[str, Any]) -> str:
     out += [f"| {cell(c['name'])} | {fmt_value(c)} | {c['target']} | "
             f"{'PASS' if c['pass'] else 'FAIL'} | {cell(c['detail'])} |"
             for c in results["checks"]]
-    out += ["", "| configuration | median s/round | timed rounds (s) | final acc |",
-            "|---|---:|---|---:|"]
+    out += ["", "| configuration | median s/round | timed rounds (s) | final acc | load avg |",
+            "|---|---:|---|---:|---|"]
     ov = results.get("engine_overhead", {})
     for engine in ("fedkd", "flower"):
         if engine in ov:
             e = ov[engine]
             out.append(f"| ping, {engine} | {e['median_s']:.4f} | "
-                       f"{', '.join(f'{x:.4f}' for x in e['timed_s'])} | |")
+                       f"{', '.join(f'{x:.4f}' for x in e['timed_s'])} | | {load(e)} |")
     rw = results.get("real_work", {})
     for name in ("P1", "P2", "F1", "F2"):
         if name in rw:
             e = rw[name]
             out.append(f"| {name} | {e['median_s']:.3f} | "
                        f"{', '.join(f'{x:.2f}' for x in e['timed_s'])} | "
-                       f"{e['final_acc']:.4f} |")
+                       f"{e['final_acc']:.4f} | {load(e)} |")
     return "\n".join(out) + "\n"
 
 
@@ -517,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small, fast smoke version")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (and .md next to it)")
     p.add_argument("--only", choices=["overhead", "real"], help="run one benchmark only")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each configuration, wait up to SECONDS for the 1-minute "
+                        "load average to drop below the CPU count")
     p.add_argument("--child", choices=["overhead-fedkd", "overhead-flower", "plain"],
                    help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -542,13 +579,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "settings": asdict(settings),
                                "machine": machine_info()}
     checks: list[dict[str, Any]] = []
+    load, cpus = loadavg(), os.cpu_count() or 1
+    if load is not None and load >= cpus:
+        log(f"warning: load average {load:.1f} on {cpus} CPUs before starting; other work "
+            "on this machine makes the timings noisy")
     with tempfile.TemporaryDirectory(prefix="fedkd-bench-") as tmp:
         work = Path(tmp)
         if args.only in (None, "overhead"):
-            results["engine_overhead"] = bench_overhead(settings, work, log)
+            results["engine_overhead"] = bench_overhead(settings, work, log, args.wait_quiet)
             checks.append(results["engine_overhead"]["check"])
         if args.only in (None, "real"):
-            results["real_work"] = bench_real_work(settings, work, log)
+            results["real_work"] = bench_real_work(settings, work, log, args.wait_quiet)
             checks += results["real_work"]["checks"]
     results["checks"] = checks
     results["total_s"] = time.perf_counter() - began

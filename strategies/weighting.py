@@ -6,18 +6,21 @@ per-teacher weights ``w[n, k]`` whose rows sum to 1. FedDF's ensemble, FedMD's c
 FedGen's and FedFTG's generator ensembles and DML's peer targets all call one.
 
 Add a weighting by registering a class with ``@WEIGHTINGS.register("name")`` whose
-constructor keyword arguments are its YAML params; strategies take
-``weighting: name`` and ``weighting_params: {...}``.
+constructor keyword arguments are its YAML params, in ``strategies/<name>.py`` (imported on
+first use); strategies take ``weighting: name`` and ``weighting_params: {...}``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from fedkd.errors import ScenarioError
 from fedkd.registry import Registry
 
 
@@ -33,16 +36,30 @@ class TeacherContext:
         ``(K, C)`` training label counts.
     val_scores : torch.Tensor, optional
         ``(K,)`` accuracy of each teacher on the server validation split.
+    val_logits, val_labels : torch.Tensor, optional
+        ``(K, V, C)`` teacher logits on the validation split and its ``(V,)`` labels (from
+        which ``val_scores`` follow, and on which ``learned`` weights are fitted).
     """
 
     num_examples: torch.Tensor
     label_counts: torch.Tensor
     val_scores: torch.Tensor | None = None
+    val_logits: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     @property
     def num_teachers(self) -> int:
         """K."""
         return len(self.num_examples)
+
+    def scores(self) -> torch.Tensor:
+        """``(K,)`` validation accuracy: given, or computed from ``val_logits``/``val_labels``."""
+        if self.val_scores is not None:
+            return self.val_scores.to(torch.float64)
+        if self.val_logits is None or self.val_labels is None:
+            raise ValueError("this weighting needs the teachers' scores on the server "
+                             "validation split (set data.val_fraction > 0)")
+        return (self.val_logits.argmax(dim=2) == self.val_labels).to(torch.float64).mean(dim=1)
 
 
 class Weighting(Protocol):
@@ -65,15 +82,185 @@ class Uniform:
         return torch.full((n, k), 1.0 / k, dtype=logits.dtype)
 
 
+def _rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    """Broadcast per-teacher ``(K,)`` weights to ``(N, K)`` rows."""
+    return w.unsqueeze(0).expand(n, -1).clone()
+
+
+@WEIGHTINGS.register("data_size")
+class DataSize:
+    """``w_k = n_k / sum_j n_j``: teachers weigh by their training-set size (FedAvg's rule)."""
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        n = ctx.num_examples.to(torch.float64)
+        return _rows(n / n.sum(), logits.shape[1]).to(logits.dtype)
+
+
+@WEIGHTINGS.register("class_counts")
+class ClassCounts:
+    """``w[n, k] = n_k(y_n) / n(y_n)`` (FedGen/FedFTG): teachers weigh by how many samples of
+    the sample's class they trained on. ``y_n`` is the given (sampled) label, else the
+    uniform ensemble's predicted class; a class no teacher holds is uniform."""
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            labels = logits.mean(dim=0).argmax(dim=1)
+        return class_weights(ctx.label_counts)[labels].to(logits.dtype)
+
+
+def _softmax_rows(score: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(K, N)`` scores -> ``(N, K)`` weights ``softmax_k(score / T)``."""
+    return torch.softmax(score.T.to(torch.float64) / temperature, dim=1)
+
+
+@WEIGHTINGS.register("confidence")
+class Confidence:
+    """Per sample, ``w[n, :] = softmax_k(max_c p_k(c | x_n) / T)``: confident teachers weigh more.
+
+    Parameters
+    ----------
+    temperature : float
+        Lower values concentrate the weight on the most confident teacher.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self.temperature = temperature
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        conf = torch.softmax(logits.to(torch.float64), dim=2).amax(dim=2)
+        return _softmax_rows(conf, self.temperature).to(logits.dtype)
+
+
+@WEIGHTINGS.register("entropy")
+class Entropy:
+    """Per sample, ``w[n, :] = softmax_k(-H(p_k(. | x_n)) / T)``: low-entropy teachers weigh more.
+
+    Parameters
+    ----------
+    temperature : float
+        Lower values concentrate the weight on the sharpest teacher.
+    """
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self.temperature = temperature
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        logp = torch.log_softmax(logits.to(torch.float64), dim=2)
+        entropy = -(logp.exp() * logp).sum(dim=2)
+        return _softmax_rows(-entropy, self.temperature).to(logits.dtype)
+
+
+@WEIGHTINGS.register("validation")
+class Validation:
+    """``w_k ∝ acc_k`` on the server validation split; teachers at or below chance are dropped
+    (FedDF's ``weighted`` / ``drop_worst`` options). All dropped -> uniform.
+
+    Parameters
+    ----------
+    drop_below_chance : bool
+        Give zero weight to teachers whose accuracy is at most ``1 / C``.
+    """
+
+    def __init__(self, drop_below_chance: bool = True) -> None:
+        self.drop_below_chance = drop_below_chance
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        acc = ctx.scores()
+        if self.drop_below_chance:
+            acc = torch.where(acc > 1.0 / logits.shape[2], acc, torch.zeros_like(acc))
+        w = acc / acc.sum() if acc.sum() > 0 else torch.full_like(acc, 1 / len(acc))
+        return _rows(w, logits.shape[1]).to(logits.dtype)
+
+
+@WEIGHTINGS.register("agreement")
+class Agreement:
+    """Per sample, ``w[n, :] = softmax_k(-KL(p̄_n ‖ p_k,n) / T)`` with ``p̄`` the uniform
+    ensemble's probabilities: teachers far from the consensus (outliers) weigh less.
+
+    Parameters
+    ----------
+    temperature : float
+        Lower values down-weight outliers more sharply.
+    """
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self.temperature = temperature
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        logp = torch.log_softmax(logits.to(torch.float64), dim=2)
+        mean = logp.exp().mean(dim=0, keepdim=True)
+        kl = (mean * (mean.clamp_min(1e-300).log() - logp)).sum(dim=2)
+        return _softmax_rows(-kl, self.temperature).to(logits.dtype)
+
+
+@WEIGHTINGS.register("learned")
+class Learned:
+    """Per-teacher weights on the simplex, ``w = softmax(theta)``, fitted each round to minimise
+    the cross-entropy of the weighted-logit ensemble on the server validation split (Adam from
+    uniform, a fixed number of steps; deterministic).
+
+    Parameters
+    ----------
+    steps : int
+        Optimisation steps per call.
+    lr : float
+        Adam learning rate on ``theta``.
+    """
+
+    def __init__(self, steps: int = 100, lr: float = 0.1) -> None:
+        if steps < 0 or lr <= 0:
+            raise ValueError("steps must be >= 0 and lr > 0")
+        self.steps = steps
+        self.lr = lr
+
+    def fit(self, val_logits: torch.Tensor, val_labels: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` simplex weights minimising the ensemble's validation cross-entropy."""
+        theta = torch.zeros(val_logits.shape[0], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([theta], lr=self.lr)
+        vl = val_logits.detach().to(torch.float64)
+        for _ in range(self.steps):
+            opt.zero_grad()
+            ens = torch.einsum("k,knc->nc", torch.softmax(theta, dim=0), vl)
+            torch.nn.functional.cross_entropy(ens, val_labels).backward()
+            opt.step()
+        return torch.softmax(theta.detach(), dim=0)
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        if ctx.val_logits is None or ctx.val_labels is None:
+            raise ValueError("the learned weighting needs the teachers' logits on the server "
+                             "validation split (set data.val_fraction > 0)")
+        return _rows(self.fit(ctx.val_logits, ctx.val_labels), logits.shape[1]).to(logits.dtype)
+
+
 def make_weighting(name: str = "uniform", params: Mapping[str, Any] | None = None,
                    path: str = "strategy.params.weighting") -> Weighting:
     """Instantiate the weighting registered as ``name`` with its params."""
     from fedkd.scenario import check_kwargs
 
+    if name not in WEIGHTINGS and name.isidentifier():
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(f"strategies.{name}")
     cls = WEIGHTINGS.get(name, path)
     params = dict(params or {})
-    check_kwargs(cls, params, path.rsplit(".", 1)[0] + ".weighting_params")
-    return cls(**params)
+    params_path = path.rsplit(".", 1)[0] + ".weighting_params"
+    check_kwargs(cls, params, params_path)
+    try:
+        return cls(**params)
+    except ValueError as exc:
+        raise ScenarioError(params_path, params, str(exc)) from None
 
 
 def class_weights(label_counts: torch.Tensor) -> torch.Tensor:
