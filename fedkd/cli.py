@@ -1,4 +1,4 @@
-"""The ``fedkd`` command: simulate | validate | partition | list.
+"""The ``fedkd`` command: simulate | validate | partition | sweep | report | list.
 
 Bad input (scenario keys, values, missing data) ends with one line on stderr and exit code 2.
 """
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1")
     sim.add_argument("--verbose", action="store_true", help="show Ray and Flower logs")
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sim.add_argument("--run-dir", help="exact run folder (default: <out>/<name>/<timestamp>)")
 
     val = sub.add_parser("validate", help="check a scenario (and that its data loads)")
     _scenario_args(val)
@@ -43,7 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     _scenario_args(part)
     part.add_argument("--png", help="heat-map path (default: <scenario name>_partition.png)")
 
-    sub.add_parser("list", help="registered datasets, partitioners, models, strategies")
+    swp = sub.add_parser("sweep", help="run a grid of overrides x seeds (resumable)")
+    _scenario_args(swp)
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                     help="a grid axis, e.g. strategy.params.weighting=uniform,entropy")
+    swp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    swp.add_argument("--out", help="sweep folder (default: runs/<name>/sweep-<hash>)")
+    swp.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    swp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    rpt = sub.add_parser("report", help="compare runs/sweeps: table over seeds and plots")
+    rpt.add_argument("paths", nargs="+", help="run or sweep folders")
+    rpt.add_argument("--out", help="where to write the report (default: the first path)")
+    rpt.add_argument("--target", type=float, help="target accuracy for rounds/MB to target")
+    rpt.add_argument("--baseline", help="config whose mean final accuracy is the target")
+
+    sub.add_parser("list", help="registered components (datasets ... weightings)")
     return parser
 
 
@@ -63,7 +79,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     scn = load_scenario(args.scenario, _overrides(args))
     summary = simulate(scn, out=args.out, metrics_port=args.metrics_port,
-                       verbose=args.verbose, progress=not args.no_progress)
+                       verbose=args.verbose, progress=not args.no_progress,
+                       run_dir=args.run_dir)
     print(format_summary(summary))
     return 0
 
@@ -110,21 +127,51 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run or resume a sweep; report failed runs (exit 1 if any)."""
+    from fedkd.sweep import sweep
+
+    root, runs, failures = sweep(args.scenario, args.grid, args.seeds, args.overrides,
+                                 out=args.out, parallel=args.parallel,
+                                 progress=not args.no_progress)
+    for line in failures:
+        print(f"failed: {line}", file=sys.stderr)
+    print(f"sweep: {len(runs) - len(failures)}/{len(runs)} runs completed\nsweep folder: {root}")
+    return 1 if failures else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the comparison table and write the report files."""
+    from fedkd.report import report
+
+    try:
+        _, out, text = report([Path(p) for p in args.paths], Path(args.out) if args.out else None,
+                              target=args.target, baseline=args.baseline)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedkd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(text, end="")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print every registry's names."""
     from fedkd.data.datasets import DATASETS
     from fedkd.data.partition import PARTITIONERS
     from fedkd.models import MODELS
     from strategies import STRATEGIES
+    from strategies.weighting import WEIGHTINGS
 
     for title, reg in (("datasets", DATASETS), ("partitioners", PARTITIONERS),
-                       ("models", MODELS), ("strategies", STRATEGIES)):
+                       ("models", MODELS), ("strategies", STRATEGIES),
+                       ("weightings", WEIGHTINGS)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
 
 
 COMMANDS = {"simulate": cmd_simulate, "validate": cmd_validate, "partition": cmd_partition,
-            "list": cmd_list}
+            "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

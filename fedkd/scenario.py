@@ -146,6 +146,14 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """Default grid and seeds of ``fedkd sweep`` for this scenario."""
+
+    grid: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole simulation, parsed from YAML."""
 
@@ -160,6 +168,7 @@ class Scenario:
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
     output: OutputConfig = OutputConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -403,6 +412,9 @@ def validate_components(scn: Scenario) -> None:
     if scn.clients.min_clients > scn.clients.num:
         raise ScenarioError("clients.min_clients", scn.clients.min_clients,
                             f"an integer <= clients.num ({scn.clients.num})")
+    for key, values in scn.sweep.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ScenarioError(f"sweep.grid.{key}", values, "a non-empty list of values")
     strategy = get_strategy(scn.strategy.name)
     check_kwargs(strategy, scn.strategy.params, "strategy.params", skip=STRATEGY_CONTEXT_ARGS)
 

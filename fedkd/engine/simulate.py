@@ -149,7 +149,8 @@ ENGINES = {"ray": run_on_ray, "flower": run_on_flower}
 
 
 def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = None,
-             verbose: bool = False, progress: bool = True) -> dict[str, Any]:
+             verbose: bool = False, progress: bool = True,
+             run_dir: str | None = None) -> dict[str, Any]:
     """Run a scenario end to end and return its summary.
 
     Parameters
@@ -164,12 +165,15 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
         Let Ray's and Flower's logs through to the terminal.
     progress : bool
         Show the progress bar.
+    run_dir : str, optional
+        Exact run folder (default: a new ``<out>/<scenario>/<timestamp>/``).
     """
     if scn.server.threads:
         torch.set_num_threads(scn.server.threads)
     world = build_world(scn)
     install_world(world)
-    run_dir = new_run_dir(scn, out)
+    run_dir = Path(run_dir) if run_dir else new_run_dir(scn, out)  # type: ignore[assignment]
+    run_dir.mkdir(parents=True, exist_ok=True)
     source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
     with engine_logs(run_dir, verbose):
         strategy = build_strategy(scn, world)
