@@ -170,8 +170,11 @@ def make_client_app(source: WorldSource) -> ClientApp:
     source : WorldSource
         Where each process finds its world and state store.
     """
-    import strategies  # noqa: F401  (registers the built-in strategies' client functions)
+    from strategies import get_strategy
 
+    # importing the scenario's strategy registers its client functions (also for a strategy
+    # file a researcher dropped into strategies/)
+    get_strategy(yaml.safe_load(source.scenario_yaml)["strategy"]["name"])
     app = ClientApp()
 
     def dispatch(msg: Message, context: Context) -> Message:

@@ -47,4 +47,13 @@ def build_strategy(scn: Scenario, world: World | None = None) -> Any:
     return strategy
 
 
-from strategies import fedavg, local  # noqa: E402,F401  (registers the built-in strategies)
+from strategies import (  # noqa: E402,F401  (registers the built-in strategies)
+    dml,
+    fedavg,
+    feddf,
+    fedftg,
+    fedgen,
+    fedmd,
+    fml,
+    local,
+)

@@ -37,6 +37,7 @@ with cross-entropy only. Accuracy is the mean test accuracy of the peers' privat
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -69,9 +70,14 @@ TRAIN_TYPE = f"{MessageType.TRAIN}.dml"
 
 
 def sub_context(ctx: TeacherContext, keep: torch.Tensor) -> TeacherContext:
-    """The context of the teachers selected by the boolean mask ``keep``."""
-    val = None if ctx.val_scores is None else ctx.val_scores[keep]
-    return TeacherContext(ctx.num_examples[keep], ctx.label_counts[keep], val)
+    """The context of the teachers selected by the boolean mask ``keep``.
+
+    Every per-teacher field (first axis K: sizes, label counts, optional validation scores and
+    logits) is sliced; the validation labels are shared.
+    """
+    per_teacher = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
+                   if f.name != "val_labels" and getattr(ctx, f.name) is not None}
+    return dataclasses.replace(ctx, **{k: v[keep] for k, v in per_teacher.items()})
 
 
 def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
