@@ -583,22 +583,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if load is not None and load >= cpus:
         log(f"warning: load average {load:.1f} on {cpus} CPUs before starting; other work "
             "on this machine makes the timings noisy")
+    out = Path(args.out)
+    md = out.with_suffix(".md")
+
+    def save() -> None:
+        """Write the JSON and Markdown reports (after each benchmark, so a stopped run keeps
+        what it measured)."""
+        results["checks"] = checks
+        results["total_s"] = time.perf_counter() - began
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        md.write_text(markdown(results))
+
     with tempfile.TemporaryDirectory(prefix="fedkd-bench-") as tmp:
         work = Path(tmp)
         if args.only in (None, "overhead"):
             results["engine_overhead"] = bench_overhead(settings, work, log, args.wait_quiet)
             checks.append(results["engine_overhead"]["check"])
+            save()
         if args.only in (None, "real"):
             results["real_work"] = bench_real_work(settings, work, log, args.wait_quiet)
             checks += results["real_work"]["checks"]
-    results["checks"] = checks
-    results["total_s"] = time.perf_counter() - began
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    md = out.with_suffix(".md")
-    md.write_text(markdown(results))
+            save()
     print()
     print(table(checks))
     print(f"\nresults: {out} and {md} ({results['total_s']:.0f} s)")
