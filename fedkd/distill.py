@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-          temperature: float = 1.0) -> torch.Tensor:
+          temperature: float = 1.0, detach_teacher: bool = True) -> torch.Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, batch mean; teacher detached.
 
     Parameters
@@ -34,9 +34,13 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         ``(N, C)`` target logits (no gradient flows into them).
     temperature : float
         Softening temperature ``T``.
+    detach_teacher : bool
+        Stop gradients into the teacher (the distillation convention). Generator training
+        (DENSE) keeps them so the disagreement also flows back through the teachers.
     """
     t = temperature
-    target = F.softmax(teacher_logits.detach() / t, dim=1)
+    teacher = teacher_logits.detach() if detach_teacher else teacher_logits
+    target = F.softmax(teacher / t, dim=1)
     return F.kl_div(F.log_softmax(student_logits / t, dim=1), target,
                     reduction="batchmean") * t * t
 

@@ -35,8 +35,9 @@ Conventions:
 - CE of the generator is on the weighted ensemble logits (not a weighted sum of per-teacher
   CEs).
 - Optimisers: generator Adam ``gen_lr = 1e-3``, betas (0.5, 0.999) as DENSE's synthesizer;
-  students SGD with momentum 0.9, ``ft_lr = 0.01`` as DENSE's ``kd_train`` (``--lr 0.01
-  --momentum 0.9``); ``ft_optimizer="adam"`` gives Adam at ``ft_lr`` instead. Students are in
+  students Adam at ``ft_lr = 1e-3`` (default, better on quickstart: 20-round accuracy 0.90 vs
+  0.85 with SGD, and fewer dips); ``ft_optimizer="sgd"`` with ``ft_lr=0.01`` gives DENSE's
+  ``kd_train`` (SGD ``--lr 0.01``, momentum 0.9). Students are in
   eval mode while the generator trains and in train mode while they are fine-tuned.
 - The generator's last layer is a BatchNorm over the image channels (no Tanh/Sigmoid): its
   output starts at zero mean / unit variance per channel, the scale of fedkd's normalised
@@ -234,7 +235,8 @@ class FedFTG(FedAvg):
     noise_dim : int
         Width of the generator noise (and label embedding).
     gen_width : int
-        Base channel count of the generator.
+        Base channel count of the generator (DENSE uses 64 on 32x32; 32 keeps the server
+        step cheap on CPU).
     rounds_inner : int
         Outer iterations of (generator training, student fine-tuning) per round.
     gen_steps : int
@@ -248,7 +250,7 @@ class FedFTG(FedAvg):
     ft_lr : float
         Student learning rate.
     ft_optimizer : str
-        ``"sgd"`` (momentum 0.9, DENSE) or ``"adam"``.
+        ``"adam"`` or ``"sgd"`` (momentum 0.9, DENSE with ``ft_lr=0.01``).
     lambda_dis : float
         Weight of the (subtracted) student/ensemble disagreement in the generator loss.
     lambda_div : float
@@ -265,9 +267,9 @@ class FedFTG(FedAvg):
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0, fraction_evaluate: float = 0.0,
-                 noise_dim: int = 64, gen_width: int = 64, rounds_inner: int = 5,
+                 noise_dim: int = 64, gen_width: int = 32, rounds_inner: int = 5,
                  gen_steps: int = 5, ft_steps: int = 10, batch_size: int = 64,
-                 gen_lr: float = 1e-3, ft_lr: float = 0.01, ft_optimizer: str = "sgd",
+                 gen_lr: float = 1e-3, ft_lr: float = 1e-3, ft_optimizer: str = "adam",
                  lambda_dis: float = 1.0, lambda_div: float = 1.0, temperature: float = 1.0,
                  label_weighting: bool = True, weighting: str = "uniform",
                  weighting_params: dict | None = None) -> None:

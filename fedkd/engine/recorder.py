@@ -76,6 +76,8 @@ class RunRecorder:
         self.cum[0] += down
         self.cum[1] += up
         row: dict[str, Any] = {"round": res.round, **res.eval_metrics}
+        row.update({k.replace("-", "_"): v for k, v in res.train_metrics.items()
+                    if isinstance(v, int | float) and k != "num-examples"})
         row.update({
             "train_loss": res.train_metrics.get("train-loss"),
             "bytes_down": down, "bytes_up": up,
