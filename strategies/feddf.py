@@ -294,7 +294,7 @@ class FedDF(FedAvg):
             return None, None
         groups = self.aggregate_groups(ok)
         metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        targets = self.ensemble_targets(server_round, ok)
+        targets = self.proxy_targets(server_round, ok)
         fused, stats = self.distill_groups(server_round, groups, targets)
         for key, value in stats.items():
             metrics[key] = value
@@ -312,7 +312,7 @@ class FedDF(FedAvg):
                                actors=world.scenario.server.teacher_actors,
                                batch_size=world.scenario.server.eval_batch_size)
 
-    def ensemble_targets(self, server_round: int, replies: Sequence[Message]) -> torch.Tensor:
+    def proxy_targets(self, server_round: int, replies: Sequence[Message]) -> torch.Tensor:
         """Ensemble targets on the proxy set (one teacher pass per round); records weights."""
         data = self._world().data
         public, val = data.public, data.val

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -133,6 +134,15 @@ def test_bad_params_name_the_key() -> None:
 # ----------------------------------------------------------------------------- server side
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small models train faster on one thread (and do not fight other processes for cores)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def world() -> World:
     """Digits, 10 clients, half cnn_small and half mlp."""
@@ -160,6 +170,7 @@ def _setup(world: World, trained: bool, clients: int = 6,
                                tuple(int(c) for c in world.counts[cid]))
                       for cid in range(world.num_clients)]
     strategy.current = split_groups(strategy.initial_arrays(world))
+    cfg = dataclasses.replace(world.scenario.clients.train, epochs=10)
     replies = []
     for cid in range(clients):
         arch = world.archs[cid]
@@ -167,7 +178,7 @@ def _setup(world: World, trained: bool, clients: int = 6,
         if trained:
             model.load_state_dict(arrayrecord_to_state_dict(strategy.current[arch]))
             data = world.client_data(cid)
-            train_supervised(model, data.x, data.y, world.scenario.clients.train, seed=cid)
+            train_supervised(model, data.x, data.y, cfg, seed=cid)
         replies.append(_reply(100 + cid, model.state_dict(), len(world.parts[cid])))
     return strategy, replies
 
@@ -201,7 +212,7 @@ def test_zero_steps_is_fedavg_per_group_exact(world: World) -> None:
 
 
 def test_distillation_keeps_or_improves_val_acc(world: World) -> None:
-    strategy, replies = _setup(world, trained=True)
+    strategy, replies = _setup(world, trained=True, distill_steps=100, eval_interval=10)
     arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is not None and metrics is not None
     out = split_groups(arrays)
@@ -209,28 +220,39 @@ def test_distillation_keeps_or_improves_val_acc(world: World) -> None:
         before, after = metrics[f"val-acc-avg/{arch}"], metrics[f"val-acc-distilled/{arch}"]
         assert after >= before
         assert after == _val_acc(world, arch, out[arch])  # the kept student is the best one
-        assert 0 < metrics[f"distill-steps/{arch}"] <= 200
-    assert metrics["val-acc-distilled"] >= metrics["val-acc-avg"]
+        assert 0 < metrics[f"distill-steps/{arch}"] <= 100
+    # the teachers' ensemble beats the average of non-IID models: distillation helps here
+    assert metrics["val-acc-distilled"] > metrics["val-acc-avg"] + 0.1
     assert metrics["train-loss"] == 1.0
     assert strategy.distill_log[2] == {k: v for k, v in metrics.items() if k != "train-loss"}
     # deterministic: the same inputs give identical students
-    again, _ = _setup(world, trained=True)[0].aggregate_train(2, replies)
+    again, _ = _setup(world, trained=True, distill_steps=100,
+                      eval_interval=10)[0].aggregate_train(2, replies)
     assert again is not None
     for key in arrays:
         np.testing.assert_array_equal(arrays[key].numpy(), again[key].numpy())
 
 
 def test_harmful_distillation_falls_back_to_fedavg(world: World) -> None:
-    base, replies = _setup(world, trained=True, distill_steps=0)
-    fedavg, _ = base.aggregate_train(1, replies)
-    strategy, _ = _setup(world, trained=True, distill_lr=5.0, max_grad_norm=0.0,
+    # clients trained on the whole pool make a good FedAvg init; lr=5 wrecks every student
+    strategy, _ = _setup(world, trained=False, distill_lr=5.0, max_grad_norm=0.0,
                          eval_interval=5, patience=2, distill_steps=40)
+    cfg = dataclasses.replace(world.scenario.clients.train, epochs=3)
+    replies = []
+    for cid in range(4):
+        model = world.new_model(world.archs[cid], seed=0)
+        train_supervised(model, world.data.pool.x, world.data.pool.y, cfg, seed=cid)
+        replies.append(_reply(100 + cid, model.state_dict(), 10 + cid))
+    fedavg = strategy.aggregate_groups(replies)
     arrays, metrics = strategy.aggregate_train(1, replies)
-    assert arrays is not None and fedavg is not None and metrics is not None
+    assert arrays is not None and metrics is not None
+    assert metrics["val-acc-avg/cnn_small"] > 0.8 and metrics["val-acc-avg/mlp"] > 0.8
     assert metrics["val-acc-distilled"] == metrics["val-acc-avg"]
     assert metrics["distill-steps/cnn_small"] == 10  # two evaluations without improvement
-    for key in fedavg:
-        np.testing.assert_array_equal(arrays[key].numpy(), fedavg[key].numpy())
+    out = split_groups(arrays)
+    for arch, rec in fedavg.items():
+        for key in rec:
+            np.testing.assert_array_equal(out[arch][key].numpy(), rec[key].numpy())
 
 
 def test_bind_needs_public_and_val() -> None:
@@ -287,10 +309,6 @@ def _simulate(out: Path, *sets: str) -> Path:
     return run
 
 
-def _distill_columns(row: dict) -> dict:
-    return {k: v for k, v in row.items() if "distill" in k or "val" in k.replace("eval", "")}
-
-
 def test_cli_feddf(tmp_path: Path) -> None:
     run = _simulate(tmp_path)
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
@@ -302,10 +320,8 @@ def test_cli_feddf(tmp_path: Path) -> None:
     teachers = pq.read_table(run / "teachers.parquet").to_pylist()
     assert len(teachers) == 20
     assert all(t["weight"] == pytest.approx(0.1) for t in teachers)
-    cols = _distill_columns(rows[-1])
-    if not cols:
-        pytest.xfail("the recorder does not write strategy train metrics to metrics.parquet")
-    assert any("distill" in k and "steps" in k for k in cols)
+    assert rows[-1]["distill_steps"] > 0
+    assert rows[-1]["val_acc_distilled"] >= rows[-1]["val_acc_avg"]
 
 
 def test_cli_feddf_heterogeneous(tmp_path: Path) -> None:
