@@ -320,15 +320,13 @@ class FedDF(FedAvg):
         x = public.x if val is None else torch.cat([public.x, val.x])
         all_logits = self.teachers(replies).logits(x)
         logits = all_logits[:, :len(public)]
-        val_scores = None
-        if val is not None:
-            val_scores = (all_logits[:, len(public):].argmax(2) == val.y).double().mean(1)
         ctx = TeacherContext(
             num_examples=torch.tensor([float(r.content.metric_records["metrics"]["num-examples"])
                                        for r in replies], dtype=torch.float64),
             label_counts=torch.tensor([self.node(r.metadata.src_node_id).label_counts
                                        for r in replies], dtype=torch.float64),
-            val_scores=val_scores)
+            val_logits=None if val is None else all_logits[:, len(public):],
+            val_labels=None if val is None else val.y)
         labels = public.y if data.public_labeled else None
         weights = self.weigh(logits, ctx, labels)
         self.teacher_weights[server_round] = [
