@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedkd.engine.runner import AllClientsFailed
 from fedkd.errors import DataUnavailableError, ScenarioError
 
 EXIT_BAD_INPUT = 2
@@ -188,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedkd: interrupted; finished rounds are in the run folder", file=sys.stderr)
         return 130
+    except AllClientsFailed as exc:
+        print(f"fedkd: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -127,3 +127,21 @@ def test_ray_grid_handshake_reports_partition(ray_grid: RayGrid) -> None:
     sizes = [int(r.content.metric_records["metrics"]["num-examples"]) for r in replies]
     assert pids == list(range(6))
     assert sum(sizes) == 200
+
+
+def test_all_failed_round_raises_unless_dropout() -> None:
+    from flwr.app import Error
+
+    from fedkd.engine.runner import AllClientsFailed, check_replies
+
+    set_task_identity(SERVER_NODE_ID)
+    msgs = [Message(RecordDict(), dst_node_id=NODE_BASE + i, message_type="train")
+            for i in range(3)]
+    ok = Message(RecordDict(), reply_to=msgs[0])
+    bug = [Message(Error(3, "ValueError: boom"), reply_to=m) for m in msgs]
+    drop = [Message(Error(3, "ClientDropout: client 1 dropped out"), reply_to=m) for m in msgs]
+    check_replies(1, [ok, *bug[1:]])  # some succeeded: the round goes on
+    check_replies(1, drop)  # everyone dropped out by the scenario's failure model
+    check_replies(1, [])
+    with pytest.raises(AllClientsFailed, match="round 2: all 3 clients failed.*boom"):
+        check_replies(2, bug)

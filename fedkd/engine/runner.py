@@ -8,6 +8,7 @@ evaluation every ``eval_every`` rounds and a per-round callback for the run reco
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedkd.client import train_config_record
+from fedkd.client import ClientDropout, train_config_record
 from fedkd.comm import arrayrecord_to_state_dict, message_bytes, split_groups
 from fedkd.train import evaluate
 from fedkd.world import World
@@ -114,6 +115,24 @@ class AccountingGrid(Grid):
                     target.update({k: v for k, v in rec.items() if isinstance(v, int | float)})
 
 
+LOG = logging.getLogger("fedkd")
+
+
+class AllClientsFailed(RuntimeError):
+    """Every client of a round failed for a reason other than the scenario's dropout model."""
+
+
+def check_replies(server_round: int, replies: list[Message]) -> None:
+    """Log every failed reply; raise when all of a round's replies failed with a real error."""
+    errors = [r.error.reason for r in replies if r.has_error()]
+    for reason in errors:
+        LOG.warning("round %d: client error: %s", server_round, reason)
+    real = [e for e in errors if ClientDropout.__name__ not in e]
+    if replies and len(errors) == len(replies) and real:
+        raise AllClientsFailed(f"round {server_round}: all {len(replies)} clients failed; "
+                               f"first error: {real[0]}")
+
+
 def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict[str, float]:
     """Test accuracy and loss of every architecture group's global model.
 
@@ -186,8 +205,9 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
     train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout)
     for rnd in range(first_round, scn.rounds + 1):
         start = time.perf_counter()
-        replies = acct.send_and_receive(
-            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), acct))
+        replies = list(acct.send_and_receive(
+            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), acct)))
+        check_replies(rnd, replies)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays

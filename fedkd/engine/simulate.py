@@ -55,7 +55,7 @@ def engine_logs(run_dir: Path, verbose: bool) -> Iterator[None]:
         return
     handler = logging.FileHandler(run_dir / "engine.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    names = ("flwr", "ray", "py.warnings")
+    names = ("flwr", "ray", "py.warnings", "fedkd")
     saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
              for n in names}
     logging.captureWarnings(True)
