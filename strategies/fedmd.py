@@ -28,8 +28,9 @@ Each round, for the sampled clients, within one round of the runner:
    ``mean_absolute_error``; the consensus is a detached constant) with Adam
    (``digest_lr = 1e-3``, ``digest_batch_size = 32``, ``digest_epochs = 1``), as the reference
    does with its softmax-stripped ``model_logits`` twin.
-4. *Revisit*: it trains on its private data for ``revisit_epochs`` epochs with the scenario's
-   train config (SGD; the reference uses Adam 1e-3 for this step too), and keeps the model.
+4. *Revisit*: it trains on its private data with the scenario's local training (``clients.train``,
+   or ``revisit_epochs`` epochs of it; SGD, where the reference uses Adam 1e-3 for this step
+   too), and keeps the model.
 
 Steps 1-3 happen in one runner round: :meth:`FedMD.configure_train` queries the logits with
 ``grid.send_and_receive`` on the accounting grid, so their bytes count in the round, and then
@@ -159,8 +160,10 @@ class FedMD(Local):
         Adam learning rate of the digest step.
     digest_batch_size : int
         Batch size of the digest step.
-    revisit_epochs : int
-        Epochs on the private data after digesting (scenario's optimiser).
+    revisit_epochs : int, optional
+        Epochs on the private data after digesting, with the scenario's optimiser; None (the
+        default) runs the scenario's own local training (``clients.train``), so FedMD does the
+        same private work per round as every other strategy and as training alone.
     weighting : str
         Weighting plug giving the consensus weights (``strategies/weighting.py``).
     weighting_params : dict, optional
@@ -173,7 +176,7 @@ class FedMD(Local):
                  min_available_nodes: int = 1, seed: int = 0, alignment_size: int = 500,
                  pretrain_epochs: int = 1, private_epochs: int = 1, digest_epochs: int = 1,
                  digest_lr: float = 1e-3, digest_batch_size: int = 32,
-                 revisit_epochs: int = 1, weighting: str = "uniform",
+                 revisit_epochs: int | None = None, weighting: str = "uniform",
                  weighting_params: dict[str, Any] | None = None) -> None:
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes, seed=seed)
@@ -209,7 +212,7 @@ class FedMD(Local):
             "pretrain-epochs": self.pretrain_epochs, "private-epochs": self.private_epochs,
             "digest-epochs": self.digest_epochs, "digest-lr": self.digest_lr,
             "digest-batch-size": self.digest_batch_size,
-            "revisit-epochs": self.revisit_epochs})
+            "revisit-epochs": -1 if self.revisit_epochs is None else self.revisit_epochs})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -309,10 +312,10 @@ def fedmd_digest(msg: Message, env: ClientEnv) -> RecordDict:
                          float(cfg["digest-lr"]), int(cfg["digest-batch-size"]), env.seed(12))
     revisit = int(cfg["revisit-epochs"])
     loss = float("nan")
-    if revisit > 0:
-        loss = train_supervised(model, env.data.x, env.data.y,
-                                dataclasses.replace(env.train_config, epochs=revisit,
-                                                    steps=None), seed=env.seed()).loss
+    if revisit != 0:
+        local = (env.train_config if revisit < 0 else
+                 dataclasses.replace(env.train_config, epochs=revisit, steps=None))
+        loss = train_supervised(model, env.data.x, env.data.y, local, seed=env.seed()).loss
     env.save_private(model)
     return RecordDict({"metrics": MetricRecord({"num-examples": len(env.data),
                                                 "train-loss": loss,

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
 from fedkd.distill import kd_kl
@@ -30,17 +29,6 @@ from strategies.feddf import FedDF, distill_loss, ensemble_targets
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 HETERO = "clients.models=[{arch: cnn_small, fraction: 0.5}, {arch: mlp, fraction: 0.5}]"
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages need a task identity; set one and restore the previous state afterwards."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 # ----------------------------------------------------------------------------- KD loss

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedkd.comm import array_bytes, state_dict_to_arrayrecord
@@ -40,17 +38,6 @@ from strategies.fedgen import (
 from strategies.weighting import TeacherContext
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages need a task identity; set one and restore the previous state afterwards."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _infos(counts: list[list[int]]) -> list[NodeInfo]:

@@ -6,7 +6,6 @@ import copy
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedkd.client import ClientEnv, train_config_record
@@ -31,17 +29,6 @@ from strategies.fml import FML, mutual_losses, train_fml
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages need a task identity; set one and restore the previous state afterwards."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 # ----------------------------------------------------------------------------- losses

@@ -224,7 +224,7 @@ def test_override_through_a_scalar() -> None:
     [
         ({"bogus": 1}, "bogus",
          "bogus: got 1; allowed: a known key: ['clients', 'data', 'engine', 'eval_every', "
-         "'name', 'output', 'partition', 'rounds', 'seed', 'server', 'strategy']"),
+         "'name', 'output', 'partition', 'rounds', 'seed', 'server', 'strategy', 'sweep']"),
         ({"clients": {"nmu": 3}}, "clients.nmu",
          "clients.nmu: got 3; allowed: a known key: ['dropout', 'fraction', 'min_clients', "
          "'models', 'num', 'train']"),
@@ -489,7 +489,7 @@ def test_to_dict_is_plain_data() -> None:
     scn = from_dict(copy.deepcopy(FULL))
     d = to_dict(scn)
     assert list(d) == ["name", "seed", "rounds", "eval_every", "data", "partition", "clients",
-                       "strategy", "engine", "server", "output"]
+                       "strategy", "engine", "server", "output", "sweep"]
     assert d["clients"]["models"] == [
         {"arch": "mlp", "fraction": 0.25, "params": {"hidden": [64, 32]}},
         {"arch": "resnet8", "fraction": 0.75, "params": {"norm": "group"}},
