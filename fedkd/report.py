@@ -181,7 +181,8 @@ def plot_teacher_weights(runs: list[Run], path: Path) -> bool:
     FigureCanvasAgg(fig)
     for i, c in enumerate(configs):
         ax = fig.add_subplot(len(configs), 1, i + 1)
-        rows = [t for r in runs if r.config == c for t in r.teachers]
+        rows = [t for r in runs if r.config == c for t in r.teachers
+                if t.get("class", -1) in (-1, None)]
         for client in sorted({t["client"] for t in rows}):
             pts: dict[int, list[float]] = {}
             for t in rows:

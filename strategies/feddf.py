@@ -60,7 +60,7 @@ from fedkd.train import batch_indices, evaluate, fit
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg
-from strategies.weighting import TeacherContext, make_weighting
+from strategies.weighting import TeacherContext, make_weighting, weight_rows
 
 ENSEMBLES = ("logits", "probs")
 
@@ -329,10 +329,12 @@ class FedDF(FedAvg):
             val_labels=None if val is None else val.y)
         labels = public.y if data.public_labeled else None
         weights = self.weigh(logits, ctx, labels)
-        self.teacher_weights[server_round] = [
-            {"client": self.node(r.metadata.src_node_id).cid, "weight": float(w)}
-            for r, w in zip(replies, weights.mean(0), strict=True)]
-        return ensemble_targets(logits, weights, self.ensemble, self.temperature)
+        targets = ensemble_targets(logits, weights, self.ensemble, self.temperature)
+        per_class = self.weighting == "class_counts"
+        classes = (labels if labels is not None else targets.argmax(1)) if per_class else None
+        self.teacher_weights[server_round] = weight_rows(
+            [self.node(r.metadata.src_node_id).cid for r in replies], weights, classes)
+        return targets
 
     def distill_groups(self, server_round: int, groups: dict[str, ArrayRecord],
                        targets: torch.Tensor) -> tuple[dict[str, ArrayRecord], dict[str, float]]:

@@ -68,7 +68,7 @@ from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import NodeInfo
 from strategies.local import Local
-from strategies.weighting import TeacherContext, Weighting, make_weighting
+from strategies.weighting import TeacherContext, Weighting, make_weighting, weight_rows
 
 QUERY_TYPE = f"{MessageType.QUERY}.fedmd_logits"
 DIGEST_TYPE = f"{MessageType.TRAIN}.fedmd_digest"
@@ -229,7 +229,9 @@ class FedMD(Local):
                               for r in replies])
         target, weights = consensus(logits, self.weigh, teacher_context(answered),
                                     self.public_labels(server_round))
-        self.teacher_weights[server_round] = mean_weights(answered, weights)
+        classes = target.argmax(1) if self.weighting == "class_counts" else None
+        self.teacher_weights[server_round] = weight_rows([n.cid for n in answered], weights,
+                                                         classes)
         content = RecordDict({"consensus": logits_record(target), "config": cfg})
         return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
                         group_id=str(server_round)) for n in answered]
@@ -249,12 +251,6 @@ def query_logits(grid: Grid, nodes: Sequence[NodeInfo], config: ConfigRecord,
     msgs = [Message(RecordDict({"config": config}), dst_node_id=n.node_id,
                     message_type=message_type, group_id=str(server_round)) for n in nodes]
     return [r for r in grid.send_and_receive(msgs) if not r.has_error()]
-
-
-def mean_weights(nodes: Sequence[NodeInfo], weights: torch.Tensor) -> list[dict[str, Any]]:
-    """``[{"client": cid, "weight": mean over samples}]`` for ``(N, K)`` weights."""
-    means = weights.to(torch.float64).mean(dim=0)
-    return [{"client": n.cid, "weight": float(w)} for n, w in zip(nodes, means, strict=True)]
 
 
 # ----------------------------------------------------------------------------- client side

@@ -195,8 +195,8 @@ def test_zero_steps_is_fedavg_per_group_exact(world: World) -> None:
     assert metrics["distill-steps"] == 0
     assert metrics["val-acc-distilled"] == metrics["val-acc-avg"]
     # every client model is a teacher, weighted uniformly
-    assert strategy.teacher_weights[1] == [{"client": c, "weight": pytest.approx(1 / 6)}
-                                           for c in range(6)]
+    assert strategy.teacher_weights[1] == [
+        {"client": c, "class": -1, "weight": pytest.approx(1 / 6)} for c in range(6)]
 
 
 def test_distillation_keeps_or_improves_val_acc(world: World) -> None:

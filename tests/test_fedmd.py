@@ -145,8 +145,8 @@ def test_configure_train_queries_then_sends_consensus() -> None:
     assert [m.metadata.dst_node_id for m in msgs] == [100, 103, 106]
     target = record_logits(msgs[0].content.array_records["consensus"])
     assert torch.equal(target, torch.full((4, 2), 1.0))  # mean of 0, 1, 2
-    assert strategy.teacher_weights[2] == [{"client": c, "weight": pytest.approx(1 / 3)}
-                                           for c in range(3)]
+    assert strategy.teacher_weights[2] == [
+        {"client": c, "class": -1, "weight": pytest.approx(1 / 3)} for c in range(3)]
 
 
 def test_teacher_context_from_handshake() -> None:

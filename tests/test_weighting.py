@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from fedkd.errors import ScenarioError
-from strategies.weighting import WEIGHTINGS, TeacherContext, class_weights, make_weighting
+from strategies.weighting import (
+    WEIGHTINGS,
+    TeacherContext,
+    class_weights,
+    make_weighting,
+    weight_rows,
+)
 
 # 3 teachers, 2 samples, 3 classes
 LOGITS = torch.tensor([
@@ -140,3 +146,15 @@ def test_unknown_name_and_bad_params_are_scenario_errors() -> None:
 def test_registry_lists_every_weighting() -> None:
     assert WEIGHTINGS.names() == ["agreement", "class_counts", "confidence", "data_size",
                                   "entropy", "learned", "uniform", "validation"]
+
+
+def test_weight_rows_mean_and_per_class() -> None:
+    w = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
+    rows = weight_rows([7, 9], w, classes=torch.tensor([1, 1, 0]))
+    assert rows == [
+        {"client": 7, "class": -1, "weight": pytest.approx(1.75 / 3)},
+        {"client": 9, "class": -1, "weight": pytest.approx(1.25 / 3)},
+        {"client": 7, "class": 0, "weight": 1.0}, {"client": 9, "class": 0, "weight": 0.0},
+        {"client": 7, "class": 1, "weight": 0.375}, {"client": 9, "class": 1, "weight": 0.625},
+    ]
+    assert len(weight_rows([7, 9], w)) == 2
