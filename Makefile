@@ -35,7 +35,7 @@ EVIDENCE_SET := --set data.params.train_limit=20000 --set data.params.test_limit
 HETERO := --set 'clients.models=[{arch: cnn_small, fraction: 0.5}, {arch: mlp, fraction: 0.25}, {arch: cnn_medium, fraction: 0.25}]'
 WEIGHTINGS := uniform,data_size,class_counts,confidence,entropy,validation,agreement,learned
 WEIGHTING_SET := --set data.params.train_limit=10000 --set data.params.test_limit=2000 \
-	--set rounds=10 --set strategy.name=feddf --set strategy.params.distill_steps=100
+	--set rounds=10 --set strategy.name=feddf --set clients.models.0.arch=mlp
 
 evidence: $(STAMP)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(EVIDENCE_SET) --seeds 0,1 \
