@@ -77,12 +77,20 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer,
         Maps an index batch to a scalar loss (the algorithm's objective).
     scheduler : LRScheduler, optional
         Stepped once per batch.
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss becomes non-finite: training diverged, and the model must not be sent
+        (a client that raises replies with an error and is left out of aggregation).
     """
     model.train()
     total, steps, examples = 0.0, 0, 0
     for idx in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = step_loss(idx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss {float(loss)} at step {steps}")
         loss.backward()
         optimizer.step()
         if scheduler is not None:

@@ -315,3 +315,11 @@ def test_evaluate_uses_eval_mode_and_no_grad() -> None:
     logits = predict(model, X4, batch_size=3)
     assert logits.shape == (4, 2) and not logits.requires_grad
     assert predict(model, torch.empty(0, 2)).numel() == 0
+
+
+def test_fit_stops_on_a_diverged_loss() -> None:
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(float("nan"))])
+    with pytest.raises(FloatingPointError, match="diverged.*step 1"):
+        fit(model, opt, iter([torch.arange(2), torch.arange(2)]), lambda idx: next(losses))
