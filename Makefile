@@ -31,7 +31,7 @@ clean:
 
 # Algorithm and weighting comparisons on non-IID Fashion-MNIST (README "Results");
 # about two hours on 2 cores.
-EVIDENCE_SET := --set data.params.train_limit=20000 --set data.params.test_limit=5000 --set rounds=20
+EVIDENCE_SET := --set data.params.train_limit=20000 --set data.params.test_limit=5000 --set rounds=15
 HETERO := --set 'clients.models=[{arch: cnn_small, fraction: 0.5}, {arch: mlp, fraction: 0.25}, {arch: cnn_medium, fraction: 0.25}]'
 WEIGHTINGS := uniform,data_size,class_counts,confidence,entropy,validation,agreement,learned
 WEIGHTING_SET := --set data.params.train_limit=10000 --set data.params.test_limit=2000 \
