@@ -32,6 +32,8 @@ clean:
 # Algorithm and weighting comparisons on non-IID Fashion-MNIST (README "Results");
 # about two hours on 2 cores.
 EVIDENCE_SET := --set data.params.train_limit=20000 --set data.params.test_limit=5000 --set rounds=15
+HETERO_SET := --set data.params.train_limit=20000 --set data.params.test_limit=1000 \
+	--set rounds=10 --set eval_every=5
 HETERO := --set 'clients.models=[{arch: cnn_small, fraction: 0.5}, {arch: mlp, fraction: 0.25}, {arch: cnn_medium, fraction: 0.25}]'
 WEIGHTINGS := uniform,data_size,class_counts,confidence,entropy,validation,agreement,learned
 WEIGHTING_SET := --set data.params.train_limit=10000 --set data.params.test_limit=2000 \
@@ -41,7 +43,7 @@ evidence: $(STAMP)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(EVIDENCE_SET) --seeds 0,1 \
 		--grid strategy.name=fedavg,feddf,fedgen,fedftg,fml --out runs/evidence/algorithms
 	$(BIN)/fedkd report runs/evidence/algorithms --baseline name=fedavg
-	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(EVIDENCE_SET) $(HETERO) --seeds 0,1 \
+	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(HETERO_SET) $(HETERO) --seeds 0,1 \
 		--grid strategy.name=local,fedmd,dml --out runs/evidence/heterogeneous
 	$(BIN)/fedkd report runs/evidence/heterogeneous --baseline name=local
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(WEIGHTING_SET) --seeds 0,1,2 \
