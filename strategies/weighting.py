@@ -110,6 +110,13 @@ class ClassCounts:
         return class_weights(ctx.label_counts)[labels].to(logits.dtype)
 
 
+def _positive_temperature(temperature: float) -> float:
+    """The temperature of a per-sample weighting, checked to be > 0."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    return temperature
+
+
 def _softmax_rows(score: torch.Tensor, temperature: float) -> torch.Tensor:
     """``(K, N)`` scores -> ``(N, K)`` weights ``softmax_k(score / T)``."""
     return torch.softmax(score.T.to(torch.float64) / temperature, dim=1)
@@ -126,9 +133,7 @@ class Confidence:
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        self.temperature = temperature
+        self.temperature = _positive_temperature(temperature)
 
     def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,9 +152,7 @@ class Entropy:
     """
 
     def __init__(self, temperature: float = 0.5) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        self.temperature = temperature
+        self.temperature = _positive_temperature(temperature)
 
     def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,9 +196,7 @@ class Agreement:
     """
 
     def __init__(self, temperature: float = 0.5) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        self.temperature = temperature
+        self.temperature = _positive_temperature(temperature)
 
     def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
