@@ -16,7 +16,7 @@ What is measured
    - Flower's own simulation engine (``flwr.simulation.run_simulation``, one ClientApp actor
      per CPU), whose ServerApp runs the same loop after all 100 nodes have registered.
 
-   Both run fedkd's ClientApp (:func:`fedkd.client.make_client_app`) on a tiny ``synthetic``
+   Both run fedkd's ClientApp (:func:`fedkd.compose.client_app`) on a tiny ``synthetic``
    world. Target: ``flower / fedkd >= 5``.
 
 2. **Real work.** FedAvg on Fashion-MNIST (``cnn_small``, 1 local epoch, batch 32, every
@@ -283,9 +283,10 @@ def wait_for_nodes(grid: Any, n: int, timeout: float = 300.0) -> list[int]:
 
 def child_overhead(spec: dict[str, Any], engine: str) -> dict[str, Any]:
     """Engine overhead of one engine (``fedkd`` or ``flower``) on the ping world."""
-    from fedkd.client import WorldSource, make_client_app
+    from fedkd.client import WorldSource
+    from fedkd.compose import client_app, from_dict
     from fedkd.engine.simulate import engine_logs, ray_session
-    from fedkd.scenario import dump, from_dict
+    from fedkd.scenario import dump
     from fedkd.world import build_world, install_world
 
     scn = from_dict(spec["scenario"])
@@ -319,7 +320,7 @@ def child_overhead(spec: dict[str, Any], engine: str) -> dict[str, Any]:
                 out["startup_s"] = time.perf_counter() - start
                 out["seconds"] = ping_rounds(grid, ids, warmup, rounds)
 
-            run_simulation(server_app=app, client_app=make_client_app(source),
+            run_simulation(server_app=app, client_app=client_app(source),
                            num_supernodes=n,
                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
                            verbose_logging=False)
@@ -354,7 +355,7 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec["threads"]))
     from fedkd.client import seed_for
-    from fedkd.scenario import from_dict
+    from fedkd.compose import from_dict
     from fedkd.train import evaluate, train_supervised
     from fedkd.world import build_world
 
@@ -455,7 +456,8 @@ def bench_overhead(s: Settings, work: Path, log: Callable[[str], None],
 def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
                     quiet: float = 0.0) -> dict[str, Any]:
     """Benchmark 2: FedAvg on Fashion-MNIST, plain loops vs fedkd, 1 and 2 cores."""
-    from fedkd.scenario import dump, from_dict
+    from fedkd.compose import from_dict
+    from fedkd.scenario import dump
 
     raw = fmnist_scenario(s)
     yaml_path = work / "bench_fmnist.yaml"

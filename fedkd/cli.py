@@ -75,8 +75,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the scenario and print a short summary."""
+    from fedkd.compose import load_scenario
     from fedkd.engine.simulate import simulate
-    from fedkd.scenario import load_scenario
 
     scn = load_scenario(args.scenario, _overrides(args))
     summary = simulate(scn, out=args.out, metrics_port=args.metrics_port,
@@ -95,12 +95,11 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Parse the scenario and build its world (data and partition)."""
-    from fedkd.scenario import load_scenario
-    from fedkd.world import build_world
+    """Run every check ``fedkd simulate`` runs before the first round."""
+    from fedkd.compose import load_scenario, prepare
 
     scn = load_scenario(args.scenario, _overrides(args))
-    world = build_world(scn)
+    world, _ = prepare(scn)
     print(f"{scn.name}: valid — {scn.data.name}, {world.num_clients} clients, "
           f"{len(world.data.pool)} client samples, strategy {scn.strategy.name}, "
           f"{scn.rounds} rounds")
@@ -109,8 +108,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     """Print the client x class count table and write its heat-map."""
+    from fedkd.compose import load_scenario
     from fedkd.record import plot_partition
-    from fedkd.scenario import load_scenario
     from fedkd.world import build_world
 
     scn = load_scenario(args.scenario, _overrides(args))

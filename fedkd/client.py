@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.data.base import TensorSplit
-from fedkd.scenario import TrainConfig, from_dict
+from fedkd.scenario import Scenario, TrainConfig, parse_scenario
 from fedkd.state import StateStore
 from fedkd.train import evaluate, train_supervised
 from fedkd.world import World, cached_world
@@ -74,13 +74,16 @@ class WorldSource:
     run_dir: str
     threads: int = 1
 
+    def scenario(self) -> Scenario:
+        """The resolved scenario (validated by the driver before the run started)."""
+        return parse_scenario(yaml.safe_load(self.scenario_yaml))
+
     def world(self) -> World:
         """The world, built once per process (which also pins torch's thread count)."""
         world = _WORLDS.get(self.scenario_yaml)
         if world is None:
             torch.set_num_threads(self.threads)
-            world = _WORLDS[self.scenario_yaml] = cached_world(
-                from_dict(yaml.safe_load(self.scenario_yaml)))
+            world = _WORLDS[self.scenario_yaml] = cached_world(self.scenario())
         return world
 
     def store(self) -> StateStore:
@@ -165,16 +168,14 @@ class ClientEnv:
 def make_client_app(source: WorldSource) -> ClientApp:
     """Build the ClientApp serving every registered client function.
 
+    The handlers of a strategy exist once its module is imported:
+    :func:`fedkd.compose.client_app` does that for the scenario's strategy.
+
     Parameters
     ----------
     source : WorldSource
         Where each process finds its world and state store.
     """
-    from strategies import get_strategy
-
-    # importing the scenario's strategy registers its client functions (also for a strategy
-    # file a researcher dropped into strategies/)
-    get_strategy(yaml.safe_load(source.scenario_yaml)["strategy"]["name"])
     app = ClientApp()
 
     def dispatch(msg: Message, context: Context) -> Message:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.ticker import MaxNLocator
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 
@@ -94,8 +99,59 @@ def _cum_mb(row: dict[str, Any]) -> float:
     return (row.get("bytes_down_cum", 0) + row.get("bytes_up_cum", 0)) / 1e6
 
 
+PARTITION_HEATMAP_MAX_CLIENTS = 50
+"""Populations up to this size get the client x class heat-map; larger ones the share plot."""
+
+TEACHER_LINES_MAX = 10
+"""Up to this many teachers are drawn as labelled lines; more as a teacher x round heat-map."""
+
+
+def integer_ticks(*axes: Axis) -> None:
+    """Put major ticks on whole numbers only (rounds, client ids, classes).
+
+    Parameters
+    ----------
+    *axes : matplotlib.axis.Axis
+        Axes' ``xaxis`` / ``yaxis`` to fix; ``min_n_ticks=1`` keeps a single round integer too.
+    """
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def accuracy_figure(metrics_rows: list[dict[str, Any]]) -> Figure:
+    """Accuracy against round (integer ticks) and against cumulative traffic.
+
+    Parameters
+    ----------
+    metrics_rows : list[dict]
+        Per-round rows with ``round``, ``bytes_down_cum``, ``bytes_up_cum`` and ``acc*`` columns.
+
+    Returns
+    -------
+    Figure
+        Two panels: by round (left) and by cumulative MB (right).
+    """
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax_r, ax_b = fig.subplots(1, 2)
+    for col in _acc_columns(metrics_rows):
+        rows = [r for r in metrics_rows if not _is_missing(r.get(col))]
+        acc = [float(r[col]) for r in rows]
+        ax_r.plot([r["round"] for r in rows], acc, marker=".", label=col)
+        ax_b.plot([_cum_mb(r) for r in rows], acc, marker=".", label=col)
+    ax_r.set_xlabel("round")
+    integer_ticks(ax_r.xaxis)
+    ax_b.set_xlabel("cumulative traffic (MB)")
+    for ax in (ax_r, ax_b):
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return fig
+
+
 def plot_accuracy(metrics_rows: list[dict[str, Any]], path: Path) -> None:
-    """Plot accuracy against round and against cumulative traffic.
+    """Plot accuracy against round and against cumulative traffic (see `accuracy_figure`).
 
     Parameters
     ----------
@@ -104,25 +160,40 @@ def plot_accuracy(metrics_rows: list[dict[str, Any]], path: Path) -> None:
     path : Path
         Output PNG.
     """
-    fig = Figure(figsize=(11, 4))
-    ax_r, ax_b = fig.subplots(1, 2)
-    for col in _acc_columns(metrics_rows):
-        rows = [r for r in metrics_rows if not _is_missing(r.get(col))]
-        acc = [float(r[col]) for r in rows]
-        ax_r.plot([r["round"] for r in rows], acc, marker=".", label=col)
-        ax_b.plot([_cum_mb(r) for r in rows], acc, marker=".", label=col)
-    ax_r.set_xlabel("round")
-    ax_b.set_xlabel("cumulative traffic (MB)")
-    for ax in (ax_r, ax_b):
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    _save(fig, path)
+    _save(accuracy_figure(metrics_rows), path)
+
+
+def partition_figure(counts: np.ndarray, title: str) -> Figure:
+    """Figure of examples per client and class, readable from a handful to 10,000+ clients.
+
+    Up to `PARTITION_HEATMAP_MAX_CLIENTS` clients: a client x class heat-map (counts written in
+    the cells when there are at most 400). Beyond: clients sorted by dominant class (then by
+    its share) with their class shares stacked, their sizes in a panel below, the per-class
+    totals beside and the population totals in a note. Everything is drawn from whole arrays
+    (no artist per client), so 10,000 clients take about as long as 100.
+
+    Parameters
+    ----------
+    counts : np.ndarray
+        Integer matrix of shape ``(num_clients, num_classes)``.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Figure
+        The figure, with integer ticks on every client, client-rank and class axis.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be (num_clients, num_classes), got shape {counts.shape}")
+    if counts.shape[0] <= PARTITION_HEATMAP_MAX_CLIENTS:
+        return _partition_heatmap(counts, title)
+    return _partition_shares(counts, title)
 
 
 def plot_partition(counts: np.ndarray, path: Path, title: str) -> None:
-    """Heat-map of examples per client (rows) and class (columns).
+    """Write the partition figure (see `partition_figure`) as PNG.
 
     Parameters
     ----------
@@ -133,9 +204,14 @@ def plot_partition(counts: np.ndarray, path: Path, title: str) -> None:
     title : str
         Figure title.
     """
-    counts = np.asarray(counts)
+    _save(partition_figure(counts, title), path)
+
+
+def _partition_heatmap(counts: np.ndarray, title: str) -> Figure:
+    """Client x class heat-map of a small population."""
     n_clients, n_classes = counts.shape
     fig = Figure(figsize=(max(4, 0.5 * n_classes + 2), max(3, 0.3 * n_clients + 1.5)))
+    FigureCanvasAgg(fig)
     ax = fig.subplots()
     im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="examples")
@@ -143,8 +219,127 @@ def plot_partition(counts: np.ndarray, path: Path, title: str) -> None:
         _annotate(ax, counts)
     ax.set_xlabel("class")
     ax.set_ylabel("client")
+    integer_ticks(ax.xaxis, ax.yaxis)
     ax.set_title(title)
-    _save(fig, path)
+    return fig
+
+
+def _partition_shares(counts: np.ndarray, title: str) -> Figure:
+    """Sorted stacked class shares, client sizes, class totals and population totals.
+
+    Clients are ordered by dominant class, then by its share (then size), descending; each
+    client's column stacks its class shares largest first, as an image (one column per client).
+    """
+    n_clients, n_classes = counts.shape
+    sizes = counts.sum(axis=1)
+    shares = np.divide(counts, sizes[:, None], out=np.zeros(counts.shape, dtype=np.float64),
+                       where=sizes[:, None] > 0)
+    dominant = shares.argmax(axis=1)
+    order = np.lexsort((-sizes, -shares.max(axis=1), dominant))
+    colors = _class_colors(n_classes)
+    x = np.arange(n_clients)
+
+    fig = Figure(figsize=(12, 7))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(3, 1.4))
+    ax_s = fig.add_subplot(grid[0, 0])
+    ax_n = fig.add_subplot(grid[1, 0], sharex=ax_s)
+    ax_c = fig.add_subplot(grid[0, 1])
+    ax_t = fig.add_subplot(grid[1, 1])
+
+    ax_s.imshow(_share_image(shares[order], colors), aspect="auto", origin="lower",
+                extent=(-0.5, n_clients - 0.5, 0, 1),
+                interpolation="nearest" if n_clients <= 1000 else "antialiased")
+    bounds = np.flatnonzero(np.diff(dominant[order])) + 0.5
+    ax_s.vlines(bounds, 0, 1, colors="white", linewidth=0.6)
+    _label_groups(ax_s, dominant[order], n_clients)
+    ax_s.set_xlim(-0.5, n_clients - 0.5)
+    ax_s.set_ylim(0, 1)
+    ax_s.set_ylabel("class share (largest at the bottom)")
+    ax_s.tick_params(labelbottom=False)
+
+    ax_n.fill_between(x, sizes[order], step="mid", color="0.35", linewidth=0)
+    ax_n.set_ylim(bottom=0)
+    ax_n.set_ylabel("examples")
+    ax_n.set_xlabel("client rank (sorted by dominant class, then its share)")
+    ax_n.grid(alpha=0.3)
+    integer_ticks(ax_s.xaxis, ax_n.xaxis)
+
+    ax_c.barh(np.arange(n_classes), counts.sum(axis=0), color=colors)
+    ax_c.invert_yaxis()
+    ax_c.set_ylabel("class")
+    ax_c.set_xlabel("examples")
+    ax_c.set_title("class totals", fontsize=9)
+    if n_classes <= 20:
+        ax_c.set_yticks(np.arange(n_classes))
+    else:
+        integer_ticks(ax_c.yaxis)
+
+    ax_t.axis("off")
+    ax_t.text(0, 1, _partition_note(sizes), va="top", ha="left", fontsize=9,
+              family="monospace", transform=ax_t.transAxes)
+    fig.suptitle(title)
+    return fig
+
+
+def _share_image(shares: np.ndarray, colors: list[tuple[float, float, float, float]],
+                 height: int = 256) -> np.ndarray:
+    """RGBA image of stacked class shares, one column per client, its largest share lowest.
+
+    Parameters
+    ----------
+    shares : np.ndarray
+        ``(num_clients, num_classes)`` class fractions; rows of empty clients are all zero
+        (drawn white).
+    colors : list
+        One RGBA colour per class.
+    height : int
+        Pixel rows spanning shares 0 to 1.
+
+    Returns
+    -------
+    np.ndarray
+        ``(height, num_clients, 4)`` uint8 image (row 0 is share 0).
+    """
+    n_clients, n_classes = shares.shape
+    by_share = np.argsort(-shares, axis=1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(shares, by_share, axis=1), axis=1)
+    levels = (np.arange(height) + 0.5) / height
+    rank = np.zeros((height, n_clients), dtype=np.intp)
+    for j in range(n_classes):  # over classes, not clients: (height, clients) per step
+        rank += cum[None, :, j] < levels[:, None]
+    empty = cum[:, -1] <= 0
+    rank = np.minimum(rank, n_classes - 1)
+    palette = np.vstack([np.asarray(colors) * 255, [255, 255, 255, 255]]).astype(np.uint8)
+    cls = np.where(empty[None, :], n_classes, by_share[np.arange(n_clients)[None, :], rank])
+    return palette[cls]
+
+
+def _partition_note(sizes: np.ndarray) -> str:
+    """Population totals: clients, examples, client-size quantiles, empty clients."""
+    q = np.percentile(sizes, [0, 50, 100]) if sizes.size else np.zeros(3)
+    return (f"{sizes.size:,} clients\n{int(sizes.sum()):,} examples\n"
+            f"size min    {int(q[0]):,}\nsize median {q[1]:,.0f}\nsize max    {int(q[2]):,}\n"
+            f"empty       {int((sizes == 0).sum()):,}")
+
+
+def _label_groups(ax: Axes, dominant: np.ndarray, n_clients: int) -> None:
+    """Name the dominant class of each group of sorted clients on the top axis (wide ones)."""
+    classes, starts, widths = np.unique(dominant, return_index=True, return_counts=True)
+    wide = widths >= max(1.0, n_clients / 40)
+    top = ax.secondary_xaxis("top")
+    top.set_ticks((starts + (widths - 1) / 2)[wide], labels=[str(c) for c in classes[wide]])
+    top.tick_params(labelsize=7, length=2)
+    top.set_xlabel("dominant class", fontsize=8)
+
+
+def _class_colors(n_classes: int) -> list[tuple[float, float, float, float]]:
+    """One colour per class: qualitative up to 20 classes, a sampled colormap beyond."""
+    if n_classes <= 10:
+        return [colormaps["tab10"](i) for i in range(n_classes)]
+    if n_classes <= 20:
+        return [colormaps["tab20"](i) for i in range(n_classes)]
+    return [colormaps["turbo"](v) for v in np.linspace(0, 1, n_classes)]
 
 
 def _annotate(ax: Axes, counts: np.ndarray) -> None:
@@ -153,6 +348,150 @@ def _annotate(ax: Axes, counts: np.ndarray) -> None:
     for (i, j), v in np.ndenumerate(counts):
         colour = "black" if v > threshold else "white"
         ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7, color=colour)
+
+
+def teacher_label(client: int, archs: Mapping[int, str] | None = None) -> str:
+    """``"client 3 (cnn_small)"``, or ``"client 3"`` when the architecture is unknown."""
+    arch = (archs or {}).get(int(client))
+    return f"client {int(client)} ({arch})" if arch else f"client {int(client)}"
+
+
+def teacher_grid(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean overall weight per teacher and round, over every id and round in range.
+
+    Parameters
+    ----------
+    rows : list[dict]
+        ``teachers.parquet`` rows (``round``, ``client``, ``weight``, optional ``class``);
+        per-class rows (``class`` >= 0) are ignored, repeated (client, round) pairs (seeds)
+        are averaged.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray, np.ndarray]
+        Client ids ``min..max``, rounds ``min..max`` and the ``(clients, rounds)`` mean
+        weights, NaN where a client was no teacher in that round.
+    """
+    rows = [t for t in rows if t.get("class", -1) in (-1, None)
+            and not _is_missing(t.get("weight"))]
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0))
+    cid = np.array([int(t["client"]) for t in rows])
+    rnd = np.array([int(t["round"]) for t in rows])
+    w = np.array([float(t["weight"]) for t in rows])
+    clients = np.arange(cid.min(), cid.max() + 1)
+    rounds = np.arange(rnd.min(), rnd.max() + 1)
+    total = np.zeros((clients.size, rounds.size))
+    n = np.zeros_like(total)
+    np.add.at(total, (cid - clients[0], rnd - rounds[0]), w)
+    np.add.at(n, (cid - clients[0], rnd - rounds[0]), 1)
+    mean = np.divide(total, n, out=np.full_like(total, np.nan), where=n > 0)
+    return clients, rounds, mean
+
+
+def draw_teacher_weights(ax: Axes, rows: list[dict[str, Any]],
+                         archs: Mapping[int, str] | None = None,
+                         max_lines: int = TEACHER_LINES_MAX) -> AxesImage | None:
+    """Draw teacher weights over rounds on ``ax``: labelled lines, or a heat-map when many.
+
+    Parameters
+    ----------
+    ax : Axes
+        Target axes (a colorbar is added beside it for the heat-map).
+    rows : list[dict]
+        ``teachers.parquet`` rows, see `teacher_grid`.
+    archs : Mapping[int, str], optional
+        Architecture per client id, for the labels ``"client 3 (cnn_small)"``.
+    max_lines : int
+        Most teachers drawn as lines; more give a teacher x round heat-map.
+
+    Returns
+    -------
+    AxesImage | None
+        The heat-map image, or ``None`` when lines (or nothing) were drawn.
+    """
+    clients, rounds, mean = teacher_grid(rows)
+    present = ~np.isnan(mean).all(axis=1) if mean.size else np.zeros(0, bool)
+    integer_ticks(ax.xaxis)
+    ax.set_xlabel("round")
+    if present.sum() <= max_lines:
+        for c, row in zip(clients[present], mean[present], strict=True):
+            ok = ~np.isnan(row)
+            ax.plot(rounds[ok], row[ok], marker=".", lw=0.8, label=teacher_label(c, archs))
+        ax.set_ylabel("weight")
+        ax.grid(alpha=0.3)
+        if present.any():
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        return None
+    cmap = colormaps["viridis"].with_extremes(bad="0.92")
+    im = ax.imshow(np.ma.masked_invalid(mean), aspect="auto", interpolation="nearest",
+                   origin="lower", cmap=cmap,
+                   extent=(rounds[0] - 0.5, rounds[-1] + 0.5, clients[0] - 0.5,
+                           clients[-1] + 0.5))
+    ax.figure.colorbar(im, ax=ax, label="weight")
+    ax.set_ylabel("teacher (client id)")
+    shown = clients[present]
+    if archs and shown.size <= 40:
+        ax.set_yticks(shown, labels=[f"{c} ({archs[int(c)]})" if int(c) in archs else str(c)
+                                     for c in shown], fontsize=6)
+    else:
+        integer_ticks(ax.yaxis)
+    return im
+
+
+def teachers_figure(rows: list[dict[str, Any]], archs: Mapping[int, str] | None = None,
+                    title: str = "") -> Figure | None:
+    """One run's teacher weights over rounds (see `draw_teacher_weights`).
+
+    Parameters
+    ----------
+    rows : list[dict]
+        ``teachers.parquet`` rows.
+    archs : Mapping[int, str], optional
+        Architecture per client id (``partition.parquet``'s ``client`` / ``arch``).
+    title : str
+        Axes title.
+
+    Returns
+    -------
+    Figure | None
+        The figure, or ``None`` when there are no overall (``class`` -1) weights.
+    """
+    if not teacher_grid(rows)[2].size:
+        return None
+    fig = Figure(figsize=(8.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    draw_teacher_weights(ax, rows, archs)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_teachers(rows: list[dict[str, Any]], path: Path,
+                  archs: Mapping[int, str] | None = None, title: str = "") -> bool:
+    """Write one run's teacher-weight figure (see `teachers_figure`) as PNG.
+
+    Parameters
+    ----------
+    rows : list[dict]
+        ``teachers.parquet`` rows.
+    path : Path
+        Output PNG.
+    archs : Mapping[int, str], optional
+        Architecture per client id.
+    title : str
+        Axes title.
+
+    Returns
+    -------
+    bool
+        False (and nothing written) when there are no teacher weights.
+    """
+    fig = teachers_figure(rows, archs, title)
+    if fig is None:
+        return False
+    _save(fig, path)
+    return True
 
 
 def _save(fig: Figure, path: Path) -> None:

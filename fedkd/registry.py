@@ -20,11 +20,15 @@ class Registry(Generic[T]):
     ----------
     kind : str
         What the registry holds ("dataset", "model", ...), used in error messages.
+    loader : Callable[[str | None], None], optional
+        Imports the module that registers ``name`` (``None``: every module that may register
+        something), for registries whose components register themselves on import.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, loader: Callable[[str | None], None] | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._loader = loader
 
     def register(self, name: str) -> Callable[[T], T]:
         """Return a decorator that registers its argument under ``name``."""
@@ -52,12 +56,16 @@ class Registry(Generic[T]):
         ScenarioError
             When no component of that name exists.
         """
+        if name not in self._items and self._loader is not None:
+            self._loader(name)
         if name not in self._items:
             raise ScenarioError(path or self.kind, name, f"one of {self.names()}")
         return self._items[name]
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
+        """Registered names, sorted (loading every component first, if there is a loader)."""
+        if self._loader is not None:
+            self._loader(None)
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:

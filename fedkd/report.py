@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from fedkd.record import draw_teacher_weights, integer_ticks
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Run:
     seed: int
     metrics: list[dict[str, Any]]
     teachers: list[dict[str, Any]]
+    archs: dict[int, str] = field(default_factory=dict)
+    """Architecture per client id (from ``partition.parquet`` or ``clients.parquet``)."""
 
 
 def _config_label(run_dir: Path, scenario: dict[str, Any]) -> str:
@@ -40,6 +44,21 @@ def _config_label(run_dir: Path, scenario: dict[str, Any]) -> str:
     label = f"{scenario.get('name', '?')}/{strategy.get('name', '?')}"
     weighting = strategy.get("params", {}).get("weighting")
     return f"{label}/{weighting}" if weighting else label
+
+
+def run_archs(run_dir: Path) -> dict[int, str]:
+    """Architecture per client id of a run folder; empty when no file records it.
+
+    ``partition.parquet`` (one row per client) is read first, else ``clients.parquet``
+    (one row per client and round); both carry ``client`` and ``arch`` columns.
+    """
+    for name in ("partition.parquet", "clients.parquet"):
+        path = run_dir / name
+        if path.exists() and {"client", "arch"} <= set(pq.read_schema(path).names):
+            cols = pq.read_table(path, columns=["client", "arch"]).to_pydict()
+            return {int(c): str(a) for c, a in zip(cols["client"], cols["arch"], strict=True)
+                    if c is not None and a is not None}
+    return {}
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -57,7 +76,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             found[d] = Run(path=d, config=_config_label(d, scenario),
                            seed=int(scenario.get("seed", 0)),
                            metrics=pq.read_table(d / "metrics.parquet").to_pylist(),
-                           teachers=teachers)
+                           teachers=teachers, archs=run_archs(d))
     return sorted(found.values(), key=lambda r: (r.config, r.seed))
 
 
@@ -154,8 +173,21 @@ def _curve(runs: list[Run], x_of: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return x, ys.mean(axis=0), ys.std(axis=0)
 
 
-def plot_curves(runs: list[Run], path: Path, x_name: str) -> None:
-    """Accuracy vs round or vs cumulative MB, one line per config with a ±std seed band."""
+def curves_figure(runs: list[Run], x_name: str) -> Figure:
+    """Accuracy vs round or vs cumulative MB, one line per config with a ±std seed band.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs to plot, grouped by ``config``.
+    x_name : str
+        ``"round"`` (integer ticks) or ``"mb"``.
+
+    Returns
+    -------
+    Figure
+        One axes.
+    """
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -165,35 +197,58 @@ def plot_curves(runs: list[Run], path: Path, x_name: str) -> None:
         ax.plot(x, mean, label=c)
         ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
     ax.set_xlabel("round" if x_name == "round" else "cumulative MB")
+    if x_name == "round":
+        integer_ticks(ax.xaxis)
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_teacher_weights(runs: list[Run], path: Path) -> bool:
-    """Mean weight per teacher (client) over rounds, one panel per config. False if none."""
+def plot_curves(runs: list[Run], path: Path, x_name: str) -> None:
+    """Write `curves_figure` (accuracy vs ``x_name``: ``"round"`` or ``"mb"``) as PNG."""
+    curves_figure(runs, x_name).savefig(path, dpi=110)
+
+
+def teacher_weights_figure(runs: list[Run]) -> Figure | None:
+    """Mean weight per teacher over rounds (across seeds), one panel per config.
+
+    Up to `fedkd.record.TEACHER_LINES_MAX` teachers a panel has one line per teacher,
+    labelled ``"client 3 (cnn_small)"``; with more it is a teacher x round heat-map.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs; those without ``teachers.parquet`` rows are skipped.
+
+    Returns
+    -------
+    Figure | None
+        The figure, or ``None`` when no run has teacher weights.
+    """
     configs = sorted({r.config for r in runs if r.teachers})
     if not configs:
-        return False
-    fig = Figure(figsize=(7, 2.6 * len(configs)))
+        return None
+    fig = Figure(figsize=(8.5, 3.2 * len(configs)))
     FigureCanvasAgg(fig)
     for i, c in enumerate(configs):
         ax = fig.add_subplot(len(configs), 1, i + 1)
-        rows = [t for r in runs if r.config == c for t in r.teachers
-                if t.get("class", -1) in (-1, None)]
-        for client in sorted({t["client"] for t in rows}):
-            pts: dict[int, list[float]] = {}
-            for t in rows:
-                if t["client"] == client:
-                    pts.setdefault(int(t["round"]), []).append(float(t["weight"]))
-            rounds = sorted(pts)
-            ax.plot(rounds, [np.mean(pts[x]) for x in rounds], marker=".", lw=0.8)
+        group = [r for r in runs if r.config == c]
+        archs: dict[int, str] = {}
+        for r in reversed(group):
+            archs.update(r.archs)
+        draw_teacher_weights(ax, [t for r in group for t in r.teachers], archs)
         ax.set_title(c, fontsize=8)
-        ax.set_ylabel("weight")
-    fig.axes[-1].set_xlabel("round")
     fig.tight_layout()
+    return fig
+
+
+def plot_teacher_weights(runs: list[Run], path: Path) -> bool:
+    """Write `teacher_weights_figure` as PNG. False (nothing written) if no teacher weights."""
+    fig = teacher_weights_figure(runs)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
     return True
 

@@ -316,7 +316,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ScenarioError("--set", assignment, "KEY.PATH=VALUE")
     key, text = assignment.split("=", 1)
     parts = key.strip().split(".")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ScenarioError(f"--set {key}", text, "a YAML value") from None
+    except RecursionError:
+        raise ScenarioError(f"--set {key}", None, f"YAML nested at most {MAX_DEPTH} levels deep",
+                            shown="a value nested too deep to read") from None
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -339,84 +345,112 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node = node[part]
 
 
+#: Deepest nesting a scenario may have (the real schema needs 5 levels; YAML nested thousands
+#: of levels deep would otherwise exhaust Python's recursion limit).
+MAX_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of YAML data (a scalar is 0), computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, d = stack.pop()
+        children = (node.values() if isinstance(node, Mapping)
+                    else node if isinstance(node, list) else ())
+        for child in children:
+            stack.append((child, d + 1))
+        deepest = max(deepest, d)
+    return deepest
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
-    """Read a scenario file with ``yaml.safe_load`` (never ``yaml.load``)."""
+    """Read a scenario file with ``yaml.safe_load`` (never ``yaml.load``).
+
+    Raises
+    ------
+    ScenarioError
+        Naming the file when it is missing, not UTF-8 text, not valid YAML, empty (or only
+        comments), not a mapping, or nested deeper than :data:`MAX_DEPTH` levels.
+    """
     p = Path(path)
     if not p.is_file():
         raise ScenarioError("SCENARIO", str(path), "an existing YAML file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(str(path), None, "a UTF-8 text YAML file",
+                            shown=f"bytes that are not UTF-8 text (at byte {exc.start})") from None
+    if "\x00" in text:
+        raise ScenarioError(str(path), None, "a UTF-8 text YAML file", shown="binary data")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "file"
-        raise ScenarioError(f"{p.name} ({where})", "invalid YAML", "valid YAML") from None
+        raise ScenarioError(f"{path} ({where})", "invalid YAML", "valid YAML") from None
+    except RecursionError:
+        raise ScenarioError(str(path), None, f"YAML nested at most {MAX_DEPTH} levels deep",
+                            shown="YAML nested too deep to read") from None
     if raw is None:
-        raw = {}
+        raise ScenarioError(str(path), None, "a YAML mapping of scenario keys, e.g. `rounds: 10`",
+                            shown="an empty scenario (no keys)")
     if not isinstance(raw, dict):
-        raise ScenarioError("scenario", raw, "a mapping at the top level")
+        raise ScenarioError(str(path), raw, "a mapping at the top level")
+    check_depth(raw, str(path))
     raw.setdefault("name", p.stem)
     return raw
 
 
-def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
-    """Load, override and validate a scenario file.
+def check_depth(raw: Any, where: str) -> None:
+    """Reject data nested deeper than :data:`MAX_DEPTH` levels, naming ``where``."""
+    depth = _depth(raw)
+    if depth > MAX_DEPTH:
+        raise ScenarioError(where, None, f"YAML nested at most {MAX_DEPTH} levels deep",
+                            shown=f"YAML nested {depth} levels deep")
 
-    Parameters
-    ----------
-    path : str or Path
-        YAML file.
-    overrides : Sequence[str]
-        ``a.b.c=value`` assignments applied in order.
+
+def read_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
+    """Load a scenario file, apply ``a.b.c=value`` overrides in order, and parse it.
+
+    Only the scenario's own rules are checked here; :func:`fedkd.compose.load_scenario` also
+    checks every registered component name and its params.
     """
     raw = load_raw(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return from_dict(raw)
+    check_depth(raw, f"{path} (with --set)")
+    return parse_scenario(raw)
 
 
-def from_dict(raw: Mapping[str, Any]) -> Scenario:
-    """Parse and validate a raw scenario mapping (including registered component params)."""
+def parse_scenario(raw: Mapping[str, Any]) -> Scenario:
+    """Parse a raw scenario mapping: keys, types, ranges and the cross-field rules.
+
+    Registered names (datasets, partitioners, models, strategies) and their params are
+    checked by :func:`fedkd.compose.validate`, so configuration does not depend on them.
+    """
     scn = parse_dataclass(Scenario, raw)
-    validate_components(scn)
+    check_rules(scn)
     return scn
 
 
-def validate_components(scn: Scenario) -> None:
-    """Check cross-field rules and every registered name and its params."""
-    from fedkd.data.datasets import DATASETS
-    from fedkd.data.partition import PARTITIONERS
-    from fedkd.models import MODELS
-    from strategies import STRATEGY_CONTEXT_ARGS, get_strategy
-
-    loader = DATASETS.get(scn.data.name, "data.name")
-    check_kwargs(loader, scn.data.params, "data.params", skip=("root", "download", "seed"))
-    if scn.data.public.dataset is not None:
-        DATASETS.get(scn.data.public.dataset, "data.public.dataset")
+def check_rules(scn: Scenario) -> None:
+    """Cross-field rules that need no registry."""
     if scn.data.val_fraction + scn.data.public.fraction >= 1:
         raise ScenarioError("data.public.fraction", scn.data.public.fraction,
                             f"a number below {1 - scn.data.val_fraction:g} "
                             "(val_fraction + public.fraction must leave data for clients)")
-    part = PARTITIONERS.get(scn.partition.name, "partition.name")
-    check_kwargs(part, scn.partition.params, "partition.params",
-                 skip=("labels", "num_clients", "num_classes", "seed"))
     if not scn.clients.models:
         raise ScenarioError("clients.models", [], "at least one model spec")
     total = sum(m.fraction for m in scn.clients.models)
     if abs(total - 1.0) > 1e-6:
         raise ScenarioError("clients.models", [m.fraction for m in scn.clients.models],
                             "fractions that sum to 1")
-    for i, spec in enumerate(scn.clients.models):
-        builder = MODELS.get(spec.arch, f"clients.models.{i}.arch")
-        check_kwargs(builder, spec.params, f"clients.models.{i}.params",
-                     skip=("input_shape", "num_classes"))
     if scn.clients.min_clients > scn.clients.num:
         raise ScenarioError("clients.min_clients", scn.clients.min_clients,
                             f"an integer <= clients.num ({scn.clients.num})")
     for key, values in scn.sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise ScenarioError(f"sweep.grid.{key}", values, "a non-empty list of values")
-    strategy = get_strategy(scn.strategy.name)
-    check_kwargs(strategy, scn.strategy.params, "strategy.params", skip=STRATEGY_CONTEXT_ARGS)
 
 
 def to_dict(scn: Scenario) -> dict[str, Any]:

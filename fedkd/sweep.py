@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from fedkd.compose import load_scenario
 from fedkd.errors import ScenarioError
-from fedkd.scenario import Scenario, load_raw, load_scenario
+from fedkd.scenario import Scenario, load_raw
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,24 @@ def is_done(run_dir: Path) -> bool:
         return False
 
 
+def check_point(scenario: str, overrides: Sequence[str], point: Sequence[str]) -> None:
+    """Validate one grid point: the base overrides and all of the point's, together.
+
+    Axes are never checked one by one against the base scenario: a value that is only valid
+    beside another axis's value (``weighting`` beside ``strategy.name=feddf``) is valid.
+
+    Raises
+    ------
+    ScenarioError
+        Naming the grid point, e.g. ``grid point name=fedavg,weighting=entropy: ...``.
+    """
+    try:
+        load_scenario(scenario, [*overrides, *point])
+    except ScenarioError as exc:
+        where = ",".join(point)
+        raise ScenarioError(f"grid point {where}: {exc.path}", exc.value, exc.allowed) from None
+
+
 def _run_one(scenario: str, base: Sequence[str], run: SweepRun) -> tuple[SweepRun, int, str]:
     if run.run_dir.exists():
         shutil.rmtree(run.run_dir)
@@ -144,11 +163,10 @@ def sweep(scenario: str, grid_items: Sequence[str] = (), seeds_text: str | None 
     scn = load_scenario(scenario, overrides)
     grid = parse_grid(grid_items) or {k: list(v) for k, v in scn.sweep.grid.items()}
     seeds = parse_seeds(seeds_text) or list(scn.sweep.seeds)
-    for key in grid:  # every grid value must give a valid scenario
-        for value in grid[key]:
-            load_scenario(scenario, [*overrides, f"{key}={_value_text(value)}"])
     root = Path(out) if out else default_root(scn, grid, seeds, overrides, None)
     runs = plan(scn, grid, seeds, root)
+    for point in dict.fromkeys(r.overrides for r in runs):  # each grid point as a whole
+        check_point(scenario, overrides, point)
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps({
         "scenario": str(scenario), "raw": load_raw(scenario), "set": list(overrides),

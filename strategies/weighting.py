@@ -12,8 +12,6 @@ first use); strategies take ``weighting: name`` and ``weighting_params: {...}``.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +20,7 @@ import torch
 
 from fedkd.errors import ScenarioError
 from fedkd.registry import Registry
+from strategies import load_module
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class Weighting(Protocol):
                  labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-WEIGHTINGS: Registry[Any] = Registry("weighting")
+WEIGHTINGS: Registry[Any] = Registry("weighting", loader=load_module)
 
 
 @WEIGHTINGS.register("uniform")
@@ -251,9 +250,6 @@ def make_weighting(name: str = "uniform", params: Mapping[str, Any] | None = Non
     """Instantiate the weighting registered as ``name`` with its params."""
     from fedkd.scenario import check_kwargs
 
-    if name not in WEIGHTINGS and name.isidentifier():
-        with contextlib.suppress(ModuleNotFoundError):
-            importlib.import_module(f"strategies.{name}")
     cls = WEIGHTINGS.get(name, path)
     params = dict(params or {})
     params_path = path.rsplit(".", 1)[0] + ".weighting_params"

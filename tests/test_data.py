@@ -277,3 +277,57 @@ def test_bundle_errors() -> None:
     with pytest.raises(ScenarioError) as err:
         build_bundle(ds, seed=0, public_fraction=0.1, public_dataset=_synthetic(1))
     assert err.value.path == "data.public_fraction"
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def _offline_loader(calls: list[str], partial: bool = False) -> type:
+    """A stand-in for a torchvision dataset class whose download fails as it does offline."""
+    import socket
+    import urllib.error
+
+    class Offline:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append(root)
+            if partial:  # a half-written archive and half-extracted folder
+                (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b partial")
+                (Path(root) / "cifar-10-batches-py").mkdir()
+                (Path(root) / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"trunc")
+            raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    return Offline
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_cifar_download_failure_is_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partial: bool) -> None:
+    import torchvision.datasets
+
+    calls: list[str] = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _offline_loader(calls, partial))
+    with pytest.raises(DataUnavailableError) as err:
+        DATASETS.get("cifar10")(str(tmp_path), True, 0)
+    message = str(err.value)
+    assert message.startswith("cifar10: download failed (")
+    assert "Name or service not known" in message and "\n" not in message
+    assert f"looked in {tmp_path / 'cifar-10-batches-py'}" in message
+    assert "put the extracted `cifar-10-batches-py` folder" in message
+    assert len(calls) == 1 and Path(calls[0]).parent == tmp_path  # downloaded aside
+    assert list(tmp_path.iterdir()) == []  # nothing half-finished is left to be read later
+
+
+def test_cifar_download_moves_a_finished_folder_into_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    class Online:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            _write_cifar10(Path(root))
+
+    (tmp_path / "cifar-10-batches-py").mkdir()  # an earlier, incomplete copy
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"trunc")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Online)
+    ds = DATASETS.get("cifar10")(str(tmp_path), True, 0)
+    assert len(ds.train) == 20
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-batches-py"]

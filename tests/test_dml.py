@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedkd.client import ClientEnv, train_config_record
+from fedkd.compose import load_scenario
 from fedkd.distill import mutual_kl
-from fedkd.scenario import load_scenario
 from fedkd.state import StateStore
 from fedkd.world import World, build_world
 from strategies import get_strategy

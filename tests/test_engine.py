@@ -12,9 +12,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.client import WorldSource
+from fedkd.compose import from_dict
 from fedkd.engine.ray_grid import NODE_BASE, SERVER_NODE_ID, RayGrid, balance, set_task_identity
 from fedkd.engine.runner import AccountingGrid
-from fedkd.scenario import dump, from_dict
+from fedkd.scenario import dump
 from fedkd.world import build_world
 
 
@@ -90,13 +91,15 @@ def test_accounting_counts_exact_bytes_and_orders_replies() -> None:
     assert grid.reset() == {}
 
 
+ENGINE_SCENARIO = {"name": "engine", "partition": {"name": "iid"}, "clients": {"num": 6},
+                   "data": {"name": "synthetic", "params": {"train_size": 200, "test_size": 50}}}
+
+
 @pytest.fixture(scope="module")
 def ray_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterable[RayGrid]:
     import ray
 
-    scn = from_dict({"name": "engine", "data": {"name": "synthetic",
-                                                "params": {"train_size": 200, "test_size": 50}},
-                     "partition": {"name": "iid"}, "clients": {"num": 6}})
+    scn = from_dict(ENGINE_SCENARIO)
     world = build_world(scn)
     run_dir: Path = tmp_path_factory.mktemp("engine")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -116,6 +119,21 @@ def test_ray_grid_replies_in_order_and_errors_become_replies(ray_grid: RayGrid) 
     assert [r.metadata.src_node_id for r in replies] == [*order, ids[1]]
     assert [r.has_error() for r in replies] == [False] * 4 + [True]
     assert "nothing" in replies[-1].error.reason
+
+
+def test_actors_that_cannot_be_placed_are_an_error(ray_grid: RayGrid, tmp_path: Path) -> None:
+    """Ray would wait forever; fedkd stops after ``start_timeout`` naming the resources."""
+    from fedkd.errors import ScenarioError
+
+    scn = from_dict(ENGINE_SCENARIO)
+    # the fixture's 2 actors hold both CPUs of this Ray instance: a third cannot be placed
+    with pytest.raises(ScenarioError) as info:
+        RayGrid(build_world(scn), WorldSource(dump(scn), str(tmp_path)), actors=1,
+                start_timeout=2.0)
+    assert info.value.path == "engine.client_resources"
+    assert "within 2 s (1 actors; the cluster has {'CPU': 2.0})" in str(info.value)
+    assert len(list(ray_grid.send_and_receive([Message(
+        RecordDict(), dst_node_id=NODE_BASE, message_type="query.ping")]))) == 1
 
 
 def test_ray_grid_handshake_reports_partition(ray_grid: RayGrid) -> None:

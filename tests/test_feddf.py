@@ -16,10 +16,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
+from fedkd.compose import load_scenario
 from fedkd.distill import kd_kl
 from fedkd.ensemble import Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
-from fedkd.scenario import load_scenario
 from fedkd.train import evaluate, train_supervised
 from fedkd.world import World, build_world
 from strategies import get_strategy

@@ -14,8 +14,8 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
+from fedkd.compose import load_scenario
 from fedkd.distill import kd_kl
-from fedkd.scenario import load_scenario
 from fedkd.world import World, cached_world
 from strategies import get_strategy
 from strategies.fedavg import NodeInfo

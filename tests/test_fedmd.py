@@ -14,9 +14,9 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedkd.client import ClientEnv, train_config_record
+from fedkd.compose import load_scenario
 from fedkd.distill import logit_mae
 from fedkd.errors import ScenarioError
-from fedkd.scenario import load_scenario
 from fedkd.state import StateStore
 from fedkd.train import predict
 from fedkd.world import World, build_world

@@ -18,8 +18,9 @@ from torch import nn
 
 from fedkd.client import ClientEnv, train_config_record
 from fedkd.comm import split_groups
+from fedkd.compose import from_dict
 from fedkd.errors import ScenarioError
-from fedkd.scenario import from_dict, load_raw
+from fedkd.scenario import load_raw
 from fedkd.state import StateStore
 from fedkd.train import fit, sgd
 from fedkd.world import World, cached_world

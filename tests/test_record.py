@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from fedkd.record import ParquetLog, PromExporter, plot_accuracy, plot_partition
+from fedkd.record import (
+    PARTITION_HEATMAP_MAX_CLIENTS,
+    TEACHER_LINES_MAX,
+    ParquetLog,
+    PromExporter,
+    _share_image,
+    accuracy_figure,
+    partition_figure,
+    plot_accuracy,
+    plot_partition,
+    plot_teachers,
+    teacher_grid,
+    teachers_figure,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -80,6 +96,135 @@ def test_plot_partition(tmp_path: Path, shape: tuple[int, int]) -> None:
     out = tmp_path / "partition.png"
     plot_partition(counts, out, "dirichlet alpha=0.5")
     assert _is_png(out)
+
+
+def _visible_ticks(ax: Axes, which: str) -> np.ndarray:
+    """Major tick locations of ``ax``'s x or y axis inside its view limits, after drawing."""
+    ax.figure.canvas.draw()
+    ticks = ax.get_xticks() if which == "x" else ax.get_yticks()
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    return ticks[(ticks >= lo - 1e-9) & (ticks <= hi + 1e-9)]
+
+
+def _assert_integer_ticks(ax: Axes, which: str) -> None:
+    ticks = _visible_ticks(ax, which)
+    assert ticks.size, f"no {which} ticks"
+    assert np.allclose(ticks, np.round(ticks)), f"non-integer {which} ticks {ticks}"
+
+
+@pytest.mark.parametrize("n_rounds", [1, 2, 3, 7, 250])
+def test_accuracy_round_axis_has_integer_ticks(n_rounds: int) -> None:
+    rows = [{"round": r, "acc": 0.1 + 0.001 * r, "bytes_down_cum": 1000 * r,
+             "bytes_up_cum": 0} for r in range(1, n_rounds + 1)]
+    fig = accuracy_figure(rows)
+    ax_round, ax_mb = fig.axes
+    assert ax_round.get_xlabel() == "round" and ax_mb.get_xlabel().startswith("cumulative")
+    _assert_integer_ticks(ax_round, "x")
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (5, 10), (PARTITION_HEATMAP_MAX_CLIENTS, 4)])
+def test_small_partition_is_heatmap_with_integer_ticks(shape: tuple[int, int]) -> None:
+    counts = np.random.default_rng(1).integers(0, 50, size=shape)
+    fig = partition_figure(counts, "t")
+    ax = fig.axes[0]
+    assert len(ax.images) == 1 and ax.images[0].get_array().shape == shape
+    assert ax.get_ylabel() == "client" and ax.get_xlabel() == "class"
+    _assert_integer_ticks(ax, "x")
+    _assert_integer_ticks(ax, "y")
+
+
+def _dirichlet_counts(n_clients: int, n_classes: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shares = rng.dirichlet([0.3] * n_classes, size=n_clients)
+    sizes = rng.integers(0, 400, size=n_clients)
+    return np.round(shares * sizes[:, None]).astype(np.int64)
+
+
+def test_large_partition_is_fast_readable_and_integer(tmp_path: Path) -> None:
+    counts = _dirichlet_counts(2000, 10)
+    out = tmp_path / "partition.png"
+    start = time.perf_counter()
+    plot_partition(counts, out, "dirichlet alpha=0.3, 2,000 clients")
+    assert time.perf_counter() - start < 3.0
+    assert _is_png(out)
+    fig = partition_figure(counts, "t")
+    shares_ax, sizes_ax, totals_ax, note_ax = fig.axes[:4]
+    # one image for all clients, not an artist per client
+    assert len(shares_ax.images) == 1 and shares_ax.images[0].get_array().shape[1] == 2000
+    assert len(shares_ax.patches) == 0 and len(shares_ax.collections) <= 1
+    assert sizes_ax.get_xlabel().startswith("client rank")
+    _assert_integer_ticks(sizes_ax, "x")
+    _assert_integer_ticks(totals_ax, "y")
+    assert [int(p.get_width()) for p in totals_ax.patches] == counts.sum(axis=0).tolist()
+    note = note_ax.texts[0].get_text()
+    assert "2,000 clients" in note and f"{int(counts.sum()):,} examples" in note
+
+
+def test_share_image_stacks_largest_share_first_and_blanks_empty_clients() -> None:
+    shares = np.array([[0.25, 0.75], [0.0, 0.0], [1.0, 0.0]])
+    colors = [(1.0, 0.0, 0.0, 1.0), (0.0, 0.0, 1.0, 1.0)]
+    img = _share_image(shares, colors, height=8)
+    assert img.shape == (8, 3, 4) and img.dtype == np.uint8
+    red, blue, white = [255, 0, 0, 255], [0, 0, 255, 255], [255, 255, 255, 255]
+    assert img[:6, 0].tolist() == [blue] * 6 and img[6:, 0].tolist() == [red] * 2
+    assert img[:, 1].tolist() == [white] * 8
+    assert img[:, 2].tolist() == [red] * 8
+
+
+def _teacher_rows(n_teachers: int, rounds: int = 4) -> list[dict]:
+    rows = [{"round": r, "client": c, "class": -1, "weight": 1 / n_teachers}
+            for r in range(1, rounds + 1) for c in range(n_teachers)]
+    # per-class rows are not overall weights: ignored
+    return rows + [{"round": 1, "client": 0, "class": 3, "weight": 9.0}]
+
+
+ARCHS = {0: "cnn_small", 1: "cnn_big", 2: "mlp", 3: "cnn_small"}
+
+
+def test_teacher_lines_are_labelled_with_client_and_arch() -> None:
+    fig = teachers_figure(_teacher_rows(4), ARCHS)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["client 0 (cnn_small)", "client 1 (cnn_big)", "client 2 (mlp)",
+                      "client 3 (cnn_small)"]
+    assert not ax.images
+    assert max(max(line.get_ydata()) for line in ax.get_lines()) == pytest.approx(0.25)
+    _assert_integer_ticks(ax, "x")
+    unknown = teachers_figure(_teacher_rows(2)).axes[0]
+    assert [t.get_text() for t in unknown.get_legend().get_texts()] == ["client 0", "client 1"]
+
+
+def test_many_teachers_give_a_heatmap_with_integer_ticks() -> None:
+    n = TEACHER_LINES_MAX + 5
+    rows = [r for r in _teacher_rows(n, rounds=3) if not (r["client"] == 4 and r["round"] == 2)]
+    fig = teachers_figure(rows)
+    ax = fig.axes[0]
+    assert len(ax.images) == 1 and not ax.get_lines()
+    grid = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+    assert grid.shape == (n, 3) and np.isnan(grid[4, 1]) and np.nansum(grid) == pytest.approx(
+        3 - 1 / n)
+    assert len(fig.axes) == 2  # the colorbar
+    _assert_integer_ticks(ax, "x")
+    _assert_integer_ticks(ax, "y")
+    labelled = teachers_figure(rows, {c: "mlp" for c in range(n)}).axes[0]
+    assert labelled.get_yticklabels()[3].get_text() == "3 (mlp)"
+
+
+def test_teacher_grid_averages_repeats() -> None:
+    rows = [{"round": 2, "client": 5, "weight": 0.2}, {"round": 2, "client": 5, "weight": 0.4},
+            {"round": 4, "client": 7, "weight": 1.0, "class": None}]
+    clients, rounds, mean = teacher_grid(rows)
+    assert clients.tolist() == [5, 6, 7] and rounds.tolist() == [2, 3, 4]
+    assert mean[0, 0] == pytest.approx(0.3) and mean[2, 2] == 1.0
+    assert np.isnan(mean[1]).all()
+
+
+def test_plot_teachers(tmp_path: Path) -> None:
+    assert plot_teachers(_teacher_rows(3), tmp_path / "t.png", ARCHS, "feddf")
+    assert _is_png(tmp_path / "t.png")
+    assert not plot_teachers([], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fedkd.compose import from_dict, load_scenario
 from fedkd.errors import ScenarioError
 from fedkd.scenario import (
     ClientsConfig,
@@ -26,9 +27,7 @@ from fedkd.scenario import (
     apply_override,
     check_kwargs,
     dump,
-    from_dict,
     load_raw,
-    load_scenario,
     to_dict,
 )
 
@@ -343,7 +342,40 @@ def test_overrides_apply_in_order(tmp_path: Path) -> None:
 def test_load_scenario_name_defaults_to_file_stem(tmp_path: Path) -> None:
     assert load_scenario(_write(tmp_path, "rounds: 2\n", "my_exp.yaml")).name == "my_exp"
     assert load_scenario(_write(tmp_path, "name: given\n", "other.yaml")).name == "given"
-    assert load_scenario(_write(tmp_path, "", "empty.yaml")) == Scenario(name="empty")
+
+
+#: Files that are no scenario: (content, phrase the one-line error must contain).
+BAD_FILES = [
+    (b"", "got an empty scenario (no keys)"),
+    (b"# only a comment\n\n", "got an empty scenario (no keys)"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "got bytes that are not UTF-8 text (at byte 0)"),
+    (b"rounds: 2\n\x00\x00\x01", "got binary data; allowed: a UTF-8 text YAML file"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000, "got YAML nested too deep to read"),
+    (b"a:\n" + b"".join(b"  " * i + b"k%d:\n" % i for i in range(1, 3000)),
+     "got YAML nested too deep to read"),
+    (b"a: " + b"[" * 40 + b"]" * 40, "got YAML nested 40 levels deep"),
+    (b"- rounds\n", "got ['rounds']; allowed: a mapping at the top level"),
+]
+
+
+@pytest.mark.parametrize(("content", "phrase"), BAD_FILES)
+def test_bad_scenario_files_are_one_line(tmp_path: Path, content: bytes, phrase: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: got "), message
+    assert phrase in message and "\n" not in message
+
+
+def test_deep_override_is_one_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "rounds: 2\n")
+    for value, phrase in (("[" * 5000 + "]" * 5000, "nested too deep"),
+                          ("[" * 40 + "]" * 40, "nested 42 levels deep")):
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path, [f"strategy.params.x={value}"])
+        assert phrase in str(info.value) and "\n" not in str(info.value)
 
 
 def test_load_scenario_override_is_validated(tmp_path: Path) -> None:
@@ -379,7 +411,7 @@ def test_invalid_yaml_is_one_line_scenario_error(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError) as info:
         load_scenario(path)
     err = info.value
-    assert err.path.startswith("bad.yaml (line ")
+    assert err.path.startswith(f"{path} (line ")
     assert err.value == "invalid YAML"
     assert "\n" not in str(err)
     assert err.__cause__ is None and err.__suppress_context__
@@ -387,8 +419,8 @@ def test_invalid_yaml_is_one_line_scenario_error(tmp_path: Path) -> None:
 
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError) as info:
-        load_raw(_write(tmp_path, "- 1\n- 2\n"))
-    assert info.value.path == "scenario"
+        load_raw(path := _write(tmp_path, "- 1\n- 2\n"))
+    assert info.value.path == str(path)
     assert info.value.value == [1, 2]
 
 

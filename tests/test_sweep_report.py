@@ -8,14 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from matplotlib.axes import Axes
 
+from fedkd.compose import from_dict
 from fedkd.errors import ScenarioError
-from fedkd.report import find_runs, first_reach, report, table
-from fedkd.scenario import from_dict
+from fedkd.report import (
+    curves_figure,
+    find_runs,
+    first_reach,
+    report,
+    run_archs,
+    table,
+    teacher_weights_figure,
+)
 from fedkd.sweep import parse_grid, parse_seeds, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +53,7 @@ def test_plan_is_grid_times_seeds(tmp_path: Path) -> None:
 
 
 def _fake_run(d: Path, name: str, seed: int, accs: list[float], mb_per_round: float,
-              teachers: list[dict] | None = None) -> None:
+              teachers: list[dict] | None = None, archs: list[str] | None = None) -> None:
     d.mkdir(parents=True)
     (d / "scenario.yaml").write_text(yaml.safe_dump(
         {"name": name, "seed": seed, "strategy": {"name": "feddf", "params": {}}}))
@@ -52,6 +62,9 @@ def _fake_run(d: Path, name: str, seed: int, accs: list[float], mb_per_round: fl
     pq.write_table(pa.Table.from_pylist(rows), d / "metrics.parquet")
     if teachers:
         pq.write_table(pa.Table.from_pylist(teachers), d / "teachers.parquet")
+    if archs:
+        pq.write_table(pa.table({"client": list(range(len(archs))), "arch": archs,
+                                 "num_examples": [10] * len(archs)}), d / "partition.parquet")
     (d / "summary.json").write_text(json.dumps({"status": "completed"}))
 
 
@@ -88,6 +101,50 @@ def test_report_writes_table_and_plots(tmp_path: Path) -> None:
     for name in ("report.md", "accuracy_vs_round.png", "accuracy_vs_mb.png",
                  "teacher_weights.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def _integer_ticks(ax: Axes, which: str) -> bool:
+    ax.figure.canvas.draw()
+    ticks = ax.get_xticks() if which == "x" else ax.get_yticks()
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    ticks = ticks[(ticks >= lo - 1e-9) & (ticks <= hi + 1e-9)]
+    return bool(ticks.size) and np.allclose(ticks, np.round(ticks))
+
+
+def test_report_plots_integer_rounds_and_labelled_teachers(tmp_path: Path) -> None:
+    archs = ["cnn_small", "cnn_big", "mlp"]
+    few = [{"round": r, "client": c, "class": -1, "weight": w} for r in (1, 2, 3)
+           for c, w in ((0, 0.2), (1, 0.3), (2, 0.5))]
+    _fake_run(tmp_path / "a0", "a", 0, [0.2, 0.5, 0.6], 1.0, few, archs)
+    _fake_run(tmp_path / "a1", "a", 1, [0.3, 0.4, 0.7], 1.0,
+              [{**t, "weight": t["weight"] + 0.1} for t in few], archs)
+    many = [{"round": r, "client": c, "weight": 1 / 12} for r in (1, 2) for c in range(12)]
+    _fake_run(tmp_path / "b0", "b", 0, [0.1, 0.4], 1.0, many)
+    runs = find_runs([tmp_path])
+    assert runs[0].archs == {0: "cnn_small", 1: "cnn_big", 2: "mlp"} and runs[2].archs == {}
+
+    curves = curves_figure(runs, "round").axes[0]
+    assert curves.get_xlabel() == "round" and _integer_ticks(curves, "x")
+
+    fig = teacher_weights_figure(runs)
+    lines_ax, heat_ax = [ax for ax in fig.axes if ax.get_title()]
+    assert [t.get_text() for t in lines_ax.get_legend().get_texts()] == [
+        "client 0 (cnn_small)", "client 1 (cnn_big)", "client 2 (mlp)"]
+    # mean over the two seeds
+    assert [line.get_ydata().tolist() for line in lines_ax.get_lines()][0] == pytest.approx(
+        [0.25] * 3)
+    assert not lines_ax.images and _integer_ticks(lines_ax, "x")
+    assert len(heat_ax.images) == 1 and heat_ax.images[0].get_array().shape == (12, 2)
+    assert _integer_ticks(heat_ax, "x") and _integer_ticks(heat_ax, "y")
+    assert teacher_weights_figure([r for r in runs if not r.teachers]) is None
+
+
+def test_run_archs_falls_back_to_clients_parquet(tmp_path: Path) -> None:
+    assert run_archs(tmp_path) == {}
+    pq.write_table(pa.Table.from_pylist([{"round": 1, "client": 4, "arch": "mlp"},
+                                         {"round": 2, "client": 4, "arch": "mlp"}]),
+                   tmp_path / "clients.parquet")
+    assert run_archs(tmp_path) == {4: "mlp"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

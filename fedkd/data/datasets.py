@@ -7,7 +7,10 @@ registered in :data:`DATASETS` under its YAML name.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -213,6 +216,42 @@ def _complete_idx_set(directory: Path) -> dict[str, Path] | None:
     return {key: path for key, path in found.items() if path is not None}
 
 
+def download_into(name: str, base: Path, folder: str, fetch: Callable[[Path], None],
+                  by_hand: str) -> Path:
+    """Download a dataset with ``fetch`` and move its ``folder`` into ``base`` when complete.
+
+    ``fetch(tmp)`` downloads and extracts into a fresh temporary folder inside ``base``; only
+    a finished download is moved into place (an interrupted or failed one is deleted, never
+    read later).
+
+    Raises
+    ------
+    DataUnavailableError
+        One line: that the download failed and why, where fedkd looked, and ``by_hand``.
+    """
+    target = base / folder
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=base))
+    except OSError as exc:
+        raise DataUnavailableError(f"{name}: cannot create {base} for the download "
+                                   f"({exc.strerror or exc}); {by_hand}") from None
+    try:
+        fetch(tmp)
+        if not (tmp / folder).is_dir():
+            raise OSError(f"the download has no `{folder}` folder")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / folder, target)
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__
+        raise DataUnavailableError(f"{name}: download failed ({reason}); looked in {target}; "
+                                   f"{by_hand}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _locate_fashion_mnist(root: str | None, download: bool) -> dict[str, Path]:
     """Find the Fashion-MNIST files, downloading them with torchvision only if allowed."""
     dirs = _fashion_dirs(root)
@@ -220,15 +259,18 @@ def _locate_fashion_mnist(root: str | None, download: bool) -> dict[str, Path]:
         files = _complete_idx_set(directory)
         if files is not None:
             return files
+    looked = ", ".join(str(d) for d in dirs)
     if download:
         from torchvision.datasets import FashionMNIST
 
         target = Path(root or DEFAULT_ROOT).expanduser().resolve()
-        FashionMNIST(str(target), train=True, download=True)
+        download_into("fashion_mnist", target, "FashionMNIST",
+                      lambda tmp: FashionMNIST(str(tmp), train=True, download=True),
+                      f"also looked in {looked}; install them with "
+                      "`apt-get install dataset-fashion-mnist` or put the four IDX files there")
         files = _complete_idx_set(target / "FashionMNIST" / "raw")
         if files is not None:
             return files
-    looked = ", ".join(str(d) for d in dirs)
     raise DataUnavailableError(
         f"fashion_mnist: IDX files not found (looked in {looked}); install them with "
         "`apt-get install dataset-fashion-mnist` or set `data.download: true`"
@@ -310,7 +352,10 @@ def _ensure_cifar(
         from torchvision import datasets
 
         loader = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        loader(str(base), train=True, download=True)
+        download_into(name, base, folder,
+                      lambda tmp: loader(str(tmp), train=True, download=True),
+                      f"to work offline, put the extracted `{folder}` folder (from the "
+                      f"dataset's python tarball) in {base} and set `data.download: false`")
         if all((directory / f).is_file() for f in files):
             return directory
     raise DataUnavailableError(

@@ -19,7 +19,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.client import WorldSource, make_client_app
+from fedkd.client import WorldSource
+from fedkd.compose import client_app
+from fedkd.errors import ScenarioError
 from fedkd.world import World, install_world
 
 #: Node ids are ``NODE_BASE + partition id`` (kept clear of Flower's reserved ids).
@@ -59,7 +61,7 @@ class ClientActor:
     def __init__(self, world: World, source: WorldSource) -> None:
         install_world(world)
         set_task_identity(SERVER_NODE_ID)
-        self.app = make_client_app(source)
+        self.app = client_app(source)
         self.num_clients = world.num_clients
 
     def run(self, batch: list[tuple[int, Message]]) -> list[Message]:
@@ -95,10 +97,14 @@ class RayGrid(Grid):
         Number of actor processes.
     num_cpus, num_gpus : float
         Ray resources per actor (fractional GPUs allowed).
+    start_timeout : float
+        Seconds the actors may take to be placed and started; past it the run stops with an
+        error naming ``engine.client_resources`` and what the cluster has (Ray itself would
+        wait forever for resources it cannot place).
     """
 
     def __init__(self, world: World, source: WorldSource, actors: int, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0) -> None:
+                 num_gpus: float = 0.0, start_timeout: float = 300.0) -> None:
         set_task_identity(SERVER_NODE_ID)
         self.num_clients = world.num_clients
         self.costs = [max(len(p), 1) for p in world.parts]
@@ -106,7 +112,14 @@ class RayGrid(Grid):
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         self.actors = [ClientActor.options(**opts).remote(ref, source)
                        for _ in range(actors)]
-        ray.get([a.ready.remote() for a in self.actors])
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            raise ScenarioError("engine.client_resources", opts,
+                                f"what the cluster can place within {start_timeout:g} s "
+                                f"({actors} actors; the cluster has {have})") from None
         self._run = Run.create_empty(run_id=RUN_ID)
         self._ids = itertools.count(1)
         self._inbox: dict[str, Message] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import warnings
@@ -26,13 +27,14 @@ from typing import Any
 import torch
 from flwr.serverapp import Grid
 
-from fedkd.client import WorldSource, make_client_app
+from fedkd.client import WorldSource
+from fedkd.compose import check_resources, client_app, prepare
 from fedkd.engine.recorder import RunRecorder
 from fedkd.engine.runner import run_rounds
 from fedkd.ensemble import TeacherEnsemble
+from fedkd.errors import ScenarioError
 from fedkd.scenario import EngineConfig, Scenario, dump
-from fedkd.world import World, build_world, install_world
-from strategies import build_strategy
+from fedkd.world import World, install_world
 
 
 def new_run_dir(scn: Scenario, out: str | None) -> Path:
@@ -86,6 +88,34 @@ def interrupt_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
+def single_node_ray() -> Iterator[None]:
+    """Start local Ray in its single-node mode, so that every Ray process binds to loopback.
+
+    On Linux, Ray resolves even ``node_ip_address="127.0.0.1"`` to the machine's address and
+    its GCS server, raylet, workers and agents listen on all interfaces; an unauthenticated
+    Ray reachable from the network runs anyone's code. Ray's single-node mode (its default on
+    macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) uses 127.0.0.1 for the node,
+    and every Ray listener then binds there (``tests/test_security.py`` checks each one).
+    The flag is read when Ray is first imported, so the already-imported constant is set too;
+    both are restored afterwards (a later run may attach to a cluster).
+    """
+    import ray._private.ray_constants as constants
+
+    key = constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = constants.ENABLE_RAY_CLUSTER, os.environ.get(key)
+    constants.ENABLE_RAY_CLUSTER = False
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved[1]
+
+
+@contextlib.contextmanager
 def ray_session(engine: EngineConfig, verbose: bool) -> Iterator[None]:
     """Start local Ray (or attach to ``engine.ray_address``); always shut it down after."""
     import ray
@@ -95,17 +125,24 @@ def ray_session(engine: EngineConfig, verbose: bool) -> Iterator[None]:
 
     args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
                             "logging_level": logging.INFO if verbose else logging.ERROR}
-    if engine.ray_address:
-        ray.init(address=engine.ray_address,
-                 runtime_env={"py_modules": [fedkd, strategies]}, **args)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **args)
-    interrupt_on_sigterm()  # ray.init installs its own handler, which aborts the driver
-    try:
-        yield
-    finally:
-        TeacherEnsemble.shutdown()
-        ray.shutdown()
+    with contextlib.ExitStack() as local:
+        if engine.ray_address:
+            ray.init(address=engine.ray_address,
+                     runtime_env={"py_modules": [fedkd, strategies]}, **args)
+        else:
+            local.enter_context(single_node_ray())
+            ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **args)
+        interrupt_on_sigterm()  # ray.init installs its own handler, which aborts the driver
+        try:
+            have = ray.cluster_resources()
+            res = engine.client_resources
+            check_resources({"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+                            {"num_cpus": have.get("CPU", 0.0), "num_gpus": have.get("GPU", 0.0)},
+                            "the Ray cluster" if engine.ray_address else "this machine")
+            yield
+        finally:
+            TeacherEnsemble.shutdown()
+            ray.shutdown()
 
 
 def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
@@ -140,7 +177,7 @@ def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
 
     resources = {"num_cpus": engine.client_resources.num_cpus,
                  "num_gpus": engine.client_resources.num_gpus}
-    run_simulation(server_app=app, client_app=make_client_app(source),
+    run_simulation(server_app=app, client_app=client_app(source),
                    num_supernodes=world.num_clients,
                    backend_config={"client_resources": resources}, verbose_logging=verbose)
 
@@ -170,25 +207,32 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     """
     if scn.server.threads:
         torch.set_num_threads(scn.server.threads)
-    world = build_world(scn)
+    world, strategy = prepare(scn)  # every pre-run check, before any folder exists
     install_world(world)
     run_dir = Path(run_dir) if run_dir else new_run_dir(scn, out)  # type: ignore[assignment]
     run_dir.mkdir(parents=True, exist_ok=True)
     source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
-    with engine_logs(run_dir, verbose):
-        strategy = build_strategy(scn, world)
-        recorder = RunRecorder(world, run_dir, strategy,
-                               metrics_port=metrics_port, progress=progress)
-        status = "failed"
-        try:
-            with ray_session(scn.engine, verbose):
-                ENGINES[scn.engine.name](
-                    world, source, scn.engine,
-                    lambda grid: run_rounds(world, strategy, grid, recorder), verbose)
-            status = "completed"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        finally:
-            summary = recorder.close(status)
+    never_started = False
+    try:
+        with engine_logs(run_dir, verbose):
+            recorder = RunRecorder(world, run_dir, strategy,
+                                   metrics_port=metrics_port, progress=progress)
+            status = "failed"
+            try:
+                with ray_session(scn.engine, verbose):
+                    ENGINES[scn.engine.name](
+                        world, source, scn.engine,
+                        lambda grid: run_rounds(world, strategy, grid, recorder), verbose)
+                status = "completed"
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            except ScenarioError:  # the engine refused the scenario before the first round
+                never_started = True
+                raise
+            finally:
+                summary = recorder.close(status)
+    finally:
+        if never_started:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return summary
