@@ -17,14 +17,14 @@ demo: $(STAMP)
 	$(BIN)/fedkd simulate scenarios/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check fedkd strategies tests benchmarks
+	$(BIN)/ruff check fedkd strategies tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedkd strategies tests benchmarks
+	$(BIN)/ruff check fedkd strategies tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs

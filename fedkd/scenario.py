@@ -120,13 +120,18 @@ class Resources:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Which runtime executes the clients and with how many workers."""
+    """Which runtime executes the clients and with how many workers.
+
+    ``start_timeout`` is how many seconds the client actors may take to be placed and
+    started before the run stops with an error naming ``engine.client_resources``.
+    """
 
     name: Literal["ray", "flower"] = "ray"
     actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     client_resources: Resources = Resources()
     ray_address: str | None = None
     threads: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+    start_timeout: float = field(default=300.0, metadata=_check(_positive, "a number > 0"))
 
 
 @dataclass(frozen=True)

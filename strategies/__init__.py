@@ -15,8 +15,10 @@ from typing import Any
 
 from fedkd.registry import Registry
 
-#: Constructor arguments fedkd fills from the scenario (not settable in ``strategy.params``).
-STRATEGY_CONTEXT_ARGS = ("fraction_train", "min_train_nodes", "min_available_nodes", "seed")
+#: Constructor arguments fedkd fills from the scenario and the world (not settable in
+#: ``strategy.params``; ``proxy``, ``validation`` and ``model_fn`` are for plain Flower apps).
+STRATEGY_CONTEXT_ARGS = ("fraction_train", "min_train_nodes", "min_available_nodes", "seed",
+                         "proxy", "validation", "model_fn")
 
 
 def load_module(name: str | None) -> None:

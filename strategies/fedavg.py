@@ -10,6 +10,11 @@ Flower's message-API ``FedAvg`` with what a simulator needs and every fedkd stra
 - heterogeneous model groups: the global ``ArrayRecord`` holds one model per architecture with
   keys ``"<arch>.<param>"``; each client receives its group's model and the server averages
   per group (weighted by ``num-examples``), keeping integer buffers' dtypes.
+
+In a plain Flower app, whose ClientApp does not answer ``query.hello``, every strategy falls
+back to Flower's own behaviour: node ids are sampled with the strategy's seed, replies are
+weighted by their ``num-examples`` metric, and the global ``ArrayRecord`` is one model with
+the model's own keys (:attr:`FedAvg.plain`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ class NodeInfo:
     arch: str
     num_examples: int
     label_counts: tuple[int, ...]
+
+
+#: The architecture of every node of a plain Flower app (one model, keys not prefixed).
+PLAIN_ARCH = ""
+
+
+def num_examples(reply: Message, key: str = "num-examples") -> float:
+    """The ``num-examples`` a reply reports, in whichever MetricRecord holds it."""
+    for record in reply.content.metric_records.values():
+        if key in record:
+            return float(record[key])  # type: ignore[arg-type]
+    raise ValueError(f"reply from node {reply.metadata.src_node_id} reports no {key!r}")
 
 
 def weighted_average(records: Sequence[ArrayRecord], weights: Sequence[float]) -> ArrayRecord:
@@ -94,6 +111,7 @@ class FedAvg(FlowerFedAvg):
                          min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
                          min_available_nodes=min_available_nodes)
         self.seed = seed
+        self.plain = False
         self.nodes: list[NodeInfo] = []
         self.current: dict[str, ArrayRecord] = {}
         self.failures: dict[int, int] = {}
@@ -113,7 +131,11 @@ class FedAvg(FlowerFedAvg):
 
     # ------------------------------------------------------------------ nodes and sampling
     def discover(self, grid: Grid, timeout: float = 120.0) -> list[NodeInfo]:
-        """Handshake with every node once; returns nodes ordered by partition id."""
+        """Handshake with every node once; returns nodes ordered by partition id.
+
+        When no node answers (a plain Flower ClientApp has no ``query.hello``), the nodes are
+        the grid's node ids in sorted order with one architecture, and :attr:`plain` is set.
+        """
         if self.nodes:
             return self.nodes
         deadline = time.monotonic() + timeout
@@ -134,8 +156,20 @@ class FedAvg(FlowerFedAvg):
                                   arch=str(reply.content.config_records["info"]["arch"]),
                                   num_examples=int(m["num-examples"]),
                                   label_counts=tuple(int(c) for c in m["label-counts"])))
+        if not infos:
+            self.plain = True
+            infos = [NodeInfo(node_id=nid, cid=i, arch=PLAIN_ARCH, num_examples=0,
+                              label_counts=()) for i, nid in enumerate(node_ids)]
         self.nodes = sorted(infos, key=lambda n: n.cid)
         return self.nodes
+
+    def split_groups(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+        """The global arrays as one record per architecture (one unprefixed model if plain)."""
+        return {PLAIN_ARCH: arrays} if self.plain else split_groups(arrays)
+
+    def join_groups(self, groups: dict[str, ArrayRecord]) -> ArrayRecord:
+        """Inverse of :meth:`split_groups`."""
+        return groups[PLAIN_ARCH] if self.plain else join_groups(groups)
 
     def node(self, node_id: int) -> NodeInfo:
         """Handshake info of a node id."""
@@ -160,8 +194,8 @@ class FedAvg(FlowerFedAvg):
         """Send each sampled client its architecture group's model and the round's config."""
         if self.fraction_train == 0.0:
             return []
-        self.current = split_groups(arrays)
         nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self.current = self.split_groups(arrays)
         return self.train_messages(server_round, nodes, config)
 
     def train_messages(self, server_round: int, nodes: Sequence[NodeInfo],
@@ -191,7 +225,7 @@ class FedAvg(FlowerFedAvg):
         for arch, rs in by_arch.items():
             groups[arch] = weighted_average(
                 [r.content.array_records["arrays"] for r in rs],
-                [float(r.content.metric_records["metrics"]["num-examples"]) for r in rs])
+                [num_examples(r, self.weighted_by_key) for r in rs])
         return groups
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
@@ -202,7 +236,7 @@ class FedAvg(FlowerFedAvg):
             return None, None
         groups = self.aggregate_groups(ok)
         metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        return join_groups(groups), metrics
+        return self.join_groups(groups), metrics
 
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -210,9 +244,9 @@ class FedAvg(FlowerFedAvg):
         """Federated evaluation on a seeded sample (off unless ``fraction_evaluate > 0``)."""
         if self.fraction_evaluate == 0.0:
             return []
-        groups = split_groups(arrays)
         nodes = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes,
                             stream=1)
+        groups = self.split_groups(arrays)
         config = ConfigRecord({**dict(config), "server-round": server_round})
         return [Message(RecordDict({"arrays": groups[n.arch], "config": config}),
                         dst_node_id=n.node_id, message_type=MessageType.EVALUATE,

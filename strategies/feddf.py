@@ -23,6 +23,10 @@ handler). The server, each round:
    (the reference's ``return_best_model_on_val``), so distillation never lowers the
    validation accuracy of the fused model.
 
+Outside fedkd's engine, in a plain Flower app, FedDF is constructed with what ``bind(world)``
+would otherwise fill: the proxy inputs (``proxy``), an optional labeled validation split
+(``validation``) and a model builder (``model_fn``); see ``examples/flower_app/``.
+
 Loss conventions (pinned in ``tests/test_feddf.py``):
 
 - direction: forward ``KL(teacher ‖ student)`` (``F.kl_div(log_softmax(student/T),
@@ -51,15 +55,15 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
 from fedkd.client import seed_for
-from fedkd.comm import arrayrecord_to_state_dict, join_groups, state_dict_to_arrayrecord
+from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.data.base import TensorSplit
 from fedkd.distill import kd_kl, kd_kl_probs, weighted_logits, weighted_probs
-from fedkd.ensemble import Teacher, TeacherEnsemble
+from fedkd.ensemble import ModelSpace, Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
 from fedkd.train import batch_indices, evaluate, fit
 from fedkd.world import World
 from strategies import STRATEGIES
-from strategies.fedavg import FedAvg
+from strategies.fedavg import FedAvg, num_examples
 from strategies.weighting import TeacherContext, make_weighting, weight_rows
 
 ENSEMBLES = ("logits", "probs")
@@ -103,6 +107,71 @@ def distill_loss(ensemble: str, temperature: float) -> LossFn:
     if ensemble == "probs":
         return lambda s, t: kd_kl_probs(s, t, temperature)
     raise ScenarioError("strategy.params.ensemble", ensemble, " | ".join(ENSEMBLES))
+
+
+@dataclass(frozen=True)
+class ModelFnSpace:
+    """Builds every model from one function: the single architecture of a plain Flower app."""
+
+    model_fn: Callable[[], nn.Module]
+
+    def build(self, arch: str, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A model from ``model_fn``, loaded with ``state`` when given, in eval mode."""
+        model = self.model_fn()
+        if state is not None:
+            model.load_state_dict(state)
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """What server-side distillation needs, from a fedkd world or a plain app's arguments.
+
+    Attributes
+    ----------
+    proxy : TensorSplit
+        Unlabeled proxy inputs (labels used only when ``proxy_labeled``).
+    val : TensorSplit or None
+        Labeled validation split for early stopping and label-using weightings.
+    space : ModelSpace or ModelFnSpace
+        Builds each architecture's model.
+    share : Counter[str]
+        Clients per architecture (weights the per-group statistics); empty: equal weights.
+    proxy_labeled : bool
+        Whether ``proxy.y`` holds real labels.
+    teacher_actors, eval_batch_size : int
+        Ray actors for the teachers' logits (0: in-process) and their inference batch size.
+    """
+
+    proxy: TensorSplit
+    val: TensorSplit | None
+    space: ModelSpace | ModelFnSpace
+    share: Counter[str]
+    proxy_labeled: bool = False
+    teacher_actors: int = 0
+    eval_batch_size: int = 1024
+
+    @classmethod
+    def of_world(cls, world: World) -> ServerData:
+        """The server-side view of a fedkd world."""
+        assert world.data.public is not None
+        return cls(proxy=world.data.public, val=world.data.val, space=world.model_space(),
+                   share=Counter(world.archs), proxy_labeled=world.data.public_labeled,
+                   teacher_actors=world.scenario.server.teacher_actors,
+                   eval_batch_size=world.scenario.server.eval_batch_size)
+
+    @classmethod
+    def of_arrays(cls, proxy: Any, validation: tuple[Any, Any] | None,
+                  model_fn: Callable[[], nn.Module]) -> ServerData:
+        """From a plain Flower app's arrays (NumPy or torch) and model builder."""
+        x = torch.as_tensor(proxy, dtype=torch.float32)
+        val = None
+        if validation is not None:
+            vx, vy = validation
+            val = TensorSplit(torch.as_tensor(vx, dtype=torch.float32),
+                              torch.as_tensor(vy, dtype=torch.int64))
+        return cls(proxy=TensorSplit(x, torch.zeros(len(x), dtype=torch.int64)), val=val,
+                   space=ModelFnSpace(model_fn), share=Counter())
 
 
 class ClippedAdam(torch.optim.Adam):
@@ -242,6 +311,12 @@ class FedDF(FedAvg):
         Teacher weighting (``strategies/weighting.py``).
     weighting_params : dict, optional
         Its parameters.
+    proxy : array-like, optional
+        Proxy inputs ``(N, ...)``, for use outside fedkd's engine (``bind`` fills them).
+    validation : tuple of array-like, optional
+        ``(x, y)`` labeled validation split, likewise (needed when ``patience > 0``).
+    model_fn : Callable[[], nn.Module], optional
+        Builds the (single) model architecture, likewise.
     """
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
@@ -250,7 +325,9 @@ class FedDF(FedAvg):
                  distill_batch_size: int = 64, distill_lr: float = 1e-3,
                  eval_interval: int = 20, patience: int = 3, max_grad_norm: float = 5.0,
                  weighting: str = "uniform",
-                 weighting_params: dict[str, Any] | None = None) -> None:
+                 weighting_params: dict[str, Any] | None = None, proxy: Any = None,
+                 validation: tuple[Any, Any] | None = None,
+                 model_fn: Callable[[], nn.Module] | None = None) -> None:
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes, seed=seed,
                          fraction_evaluate=fraction_evaluate)
@@ -271,6 +348,13 @@ class FedDF(FedAvg):
         self.weigh = make_weighting(weighting, self.weighting_params)
         self.teacher_weights: dict[int, list[dict[str, float]]] = {}
         self.distill_log: dict[int, dict[str, float]] = {}
+        self.server: ServerData | None = None
+        if proxy is not None or model_fn is not None:
+            if proxy is None or model_fn is None:
+                raise ValueError("FedDF outside fedkd's engine needs both proxy and model_fn")
+            if patience > 0 and validation is None:
+                raise ValueError("FedDF early-stops on validation=(x, y); give it or patience=0")
+            self.server = ServerData.of_arrays(proxy, validation, model_fn)
 
     def bind(self, world: World) -> None:
         """Bind the world; FedDF needs a proxy split (and a validation split to early-stop)."""
@@ -284,6 +368,7 @@ class FedDF(FedAvg):
                                 "a fraction > 0: FedDF early-stops on the server validation "
                                 "split (or set strategy.params.patience: 0)")
         super().bind(world)
+        self.server = ServerData.of_world(world)
 
     # -------------------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
@@ -299,35 +384,35 @@ class FedDF(FedAvg):
         for key, value in stats.items():
             metrics[key] = value
         self.distill_log[server_round] = stats
-        return join_groups(fused), metrics
+        return self.join_groups(fused), metrics
 
     def teachers(self, replies: Sequence[Message]) -> TeacherEnsemble:
         """Every replying client's model as a teacher, in reply order."""
-        world = self._world()
+        server = self._server()
         teachers = [Teacher(cid=self.node(r.metadata.src_node_id).cid,
                             arch=self.node(r.metadata.src_node_id).arch,
                             state=arrayrecord_to_state_dict(r.content.array_records["arrays"]))
                     for r in replies]
-        return TeacherEnsemble(world.model_space(), teachers,
-                               actors=world.scenario.server.teacher_actors,
-                               batch_size=world.scenario.server.eval_batch_size)
+        return TeacherEnsemble(server.space, teachers, actors=server.teacher_actors,
+                               batch_size=server.eval_batch_size)
 
     def proxy_targets(self, server_round: int, replies: Sequence[Message]) -> torch.Tensor:
         """Ensemble targets on the proxy set (one teacher pass per round); records weights."""
-        data = self._world().data
-        public, val = data.public, data.val
-        assert public is not None
+        server = self._server()
+        public, val = server.proxy, server.val
         x = public.x if val is None else torch.cat([public.x, val.x])
         all_logits = self.teachers(replies).logits(x)
         logits = all_logits[:, :len(public)]
+        counts = [self.node(r.metadata.src_node_id).label_counts for r in replies]
         ctx = TeacherContext(
-            num_examples=torch.tensor([float(r.content.metric_records["metrics"]["num-examples"])
-                                       for r in replies], dtype=torch.float64),
-            label_counts=torch.tensor([self.node(r.metadata.src_node_id).label_counts
-                                       for r in replies], dtype=torch.float64),
+            num_examples=torch.tensor([num_examples(r, self.weighted_by_key) for r in replies],
+                                      dtype=torch.float64),
+            # a plain Flower app reports no label counts: every class counts zero
+            label_counts=(torch.tensor(counts, dtype=torch.float64) if all(counts) else
+                          torch.zeros(len(replies), logits.shape[-1], dtype=torch.float64)),
             val_logits=None if val is None else all_logits[:, len(public):],
             val_labels=None if val is None else val.y)
-        labels = public.y if data.public_labeled else None
+        labels = public.y if server.proxy_labeled else None
         weights = self.weigh(logits, ctx, labels)
         targets = ensemble_targets(logits, weights, self.ensemble, self.temperature)
         per_class = self.weighting == "class_counts"
@@ -339,9 +424,8 @@ class FedDF(FedAvg):
     def distill_groups(self, server_round: int, groups: dict[str, ArrayRecord],
                        targets: torch.Tensor) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
         """Distil ``targets`` into each group's FedAvg model; returns models and round stats."""
-        world = self._world()
-        space, public = world.model_space(), world.data.public
-        assert public is not None
+        server = self._server()
+        space, public = server.space, server.proxy
         loss_fn = distill_loss(self.ensemble, self.temperature)
         fused: dict[str, ArrayRecord] = {}
         results: dict[str, DistillResult] = {}
@@ -350,16 +434,17 @@ class FedDF(FedAvg):
             results[arch] = distill(
                 student, public.x, targets, loss_fn, steps=self.distill_steps,
                 batch_size=self.distill_batch_size, lr=self.distill_lr,
-                seed=seed_for(self.seed, server_round, i, 101), val=world.data.val,
+                seed=seed_for(self.seed, server_round, i, 101), val=server.val,
                 eval_interval=self.eval_interval, patience=self.patience,
                 max_grad_norm=self.max_grad_norm)
             fused[arch] = state_dict_to_arrayrecord(results[arch].state)
-        return fused, round_stats(results, Counter(world.archs))
+        return fused, round_stats(results, server.share or Counter(list(results)))
 
-    def _world(self) -> World:
-        if self.world is None:
-            raise RuntimeError("FedDF needs the world: call bind(world) first")
-        return self.world
+    def _server(self) -> ServerData:
+        if self.server is None:
+            raise RuntimeError("FedDF needs proxy data: call bind(world) or pass proxy, "
+                               "validation and model_fn")
+        return self.server
 
 
 def round_stats(results: dict[str, DistillResult], share: Counter[str]) -> dict[str, float]:

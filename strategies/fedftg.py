@@ -57,7 +57,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
 from fedkd.client import seed_for
-from fedkd.comm import arrayrecord_to_state_dict, join_groups, state_dict_to_arrayrecord
+from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.distill import diversity_loss, kd_kl, weighted_logits
 from fedkd.ensemble import Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
@@ -324,7 +324,7 @@ class FedFTG(FedAvg):
         metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
         groups, extra = self.finetune(server_round, ok, groups)
         metrics = MetricRecord({**dict(metrics or {}), **extra})
-        return join_groups(groups), metrics
+        return self.join_groups(groups), metrics
 
     def finetune(self, server_round: int, replies: Sequence[Message],
                  groups: dict[str, ArrayRecord]) -> tuple[dict[str, ArrayRecord], dict]:

@@ -68,7 +68,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch import nn
 
 from fedkd.client import ClientEnv, client_fn, seed_for
-from fedkd.comm import arrayrecord_to_state_dict, join_groups, state_dict_to_arrayrecord
+from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.distill import diversity_loss, kd_kl, kd_kl_probs, weighted_logits
 from fedkd.errors import ScenarioError
 from fedkd.train import device_of, train_supervised
@@ -360,7 +360,7 @@ class FedGen(FedAvg):
         infos = [self.node(r.metadata.src_node_id) for r in ok]
         self.train_generator(server_round, teachers, students, infos)
         metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        return join_groups(groups), metrics
+        return self.join_groups(groups), metrics
 
     def teacher_context(self, infos: Sequence[NodeInfo]) -> TeacherContext:
         """Sizes and label counts of the round's teachers from the handshake."""

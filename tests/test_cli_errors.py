@@ -7,6 +7,7 @@ phrase the one-line error must contain; every case runs through ``fedkd simulate
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.error
 from pathlib import Path
@@ -80,3 +81,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
         assert scenario in err  # the file is named
     assert not out.exists() or not any(out.rglob("*"))  # no run folder for a run never started
     assert not any(offline.glob(".cifar*")) if offline.exists() else True
+
+
+def test_actors_that_cannot_be_placed_stop_the_run_without_a_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two actors of 3/4 of the machine's CPUs each: Ray can place one; fedkd stops in time."""
+    cpus = 0.75 * (os.cpu_count() or 1)
+    out = tmp_path / "runs"
+    code = main(["simulate", QUICKSTART, "--out", str(out), "--no-progress",
+                 "--set", "engine.actors=2", "--set", f"engine.client_resources.num_cpus={cpus}",
+                 "--set", "engine.start_timeout=3"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("fedkd: error: engine.client_resources: got ") and err.count("\n") == 1
+    assert "what the cluster can place within 3 s (2 actors; the cluster has" in err
+    assert not any(out.rglob("*"))

@@ -156,7 +156,8 @@ def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
     actors = engine.actors or max(1, int(cpus // engine.client_resources.num_cpus))
     grid = RayGrid(world, source, actors=min(actors, world.num_clients),
                    num_cpus=engine.client_resources.num_cpus,
-                   num_gpus=engine.client_resources.num_gpus)
+                   num_gpus=engine.client_resources.num_gpus,
+                   start_timeout=engine.start_timeout)
     try:
         loop(grid)
     finally:
@@ -209,7 +210,10 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
         torch.set_num_threads(scn.server.threads)
     world, strategy = prepare(scn)  # every pre-run check, before any folder exists
     install_world(world)
-    run_dir = Path(run_dir) if run_dir else new_run_dir(scn, out)  # type: ignore[assignment]
+    target = Path(run_dir) if run_dir else None
+    base = (target.parent if target else Path(out or scn.output.dir) / scn.name).absolute()
+    made = [p for p in (base, *base.parents) if not p.exists()]  # removed if it never starts
+    run_dir = target or new_run_dir(scn, out)  # type: ignore[assignment]
     run_dir.mkdir(parents=True, exist_ok=True)
     source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
     never_started = False
@@ -235,4 +239,7 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     finally:
         if never_started:
             shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return summary

@@ -1,0 +1,1 @@
+"""A plain Flower app (ServerApp + ClientApp) that uses fedkd's FedDF strategy as is."""
