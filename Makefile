@@ -39,13 +39,19 @@ WEIGHTINGS := uniform,data_size,class_counts,confidence,entropy,validation,agree
 WEIGHTING_SET := --set data.params.train_limit=10000 --set data.params.test_limit=2000 \
 	--set rounds=10 --set strategy.name=feddf --set clients.models.0.arch=mlp
 
+# copy a study's report and plots into docs/results/<study>/ (what README shows)
+publish = mkdir -p docs/results/$(1) && cp runs/evidence/$(1)/report.md runs/evidence/$(1)/*.png docs/results/$(1)/
+
 evidence: $(STAMP)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(EVIDENCE_SET) --seeds 0,1 \
 		--grid strategy.name=fedavg,feddf,fedgen,fedftg,fml --out runs/evidence/algorithms
 	$(BIN)/fedkd report runs/evidence/algorithms --baseline name=fedavg
+	$(call publish,algorithms)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(HETERO_SET) $(HETERO) --seeds 0,1 \
 		--grid strategy.name=local,fedmd,dml --out runs/evidence/heterogeneous
 	$(BIN)/fedkd report runs/evidence/heterogeneous --baseline name=local
+	$(call publish,heterogeneous)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(WEIGHTING_SET) --seeds 0,1,2 \
 		--grid strategy.params.weighting=$(WEIGHTINGS) --out runs/evidence/weighting
 	$(BIN)/fedkd report runs/evidence/weighting --baseline weighting=uniform
+	$(call publish,weighting)

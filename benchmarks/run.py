@@ -116,6 +116,7 @@ OVERHEAD_TARGET = Target("engine overhead: flower / fedkd (s per round)", ">=", 
 F1_TARGET = Target("real work, 1 core: F1 / P1 (s per round)", "<=", 1.10)
 F2_TARGET = Target("real work, 2 cores: F2 / P2 (s per round)", "<=", 0.80)
 ACC_TARGET = Target("final accuracy |P1 - F1|", "<=", 0.02)
+COMM_TARGET = Target("message layer: fp16 both ways / no codec (s per round)", "<=", 1.05)
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -151,6 +152,10 @@ def fmnist_scenario(s: Settings) -> dict[str, Any]:
 FEDKD_CONFIGS: dict[str, list[str]] = {
     "F1": ["engine.actors=1", "engine.threads=1", "server.threads=1"],
     "F2": ["engine.actors=2", "engine.threads=1", "server.threads=0"],
+    # the message layer's cost: F1 again, and F1 with fp16 both ways
+    "C0": ["engine.actors=1", "engine.threads=1", "server.threads=1"],
+    "C16": ["engine.actors=1", "engine.threads=1", "server.threads=1",
+            "comm.down.codec=fp16", "comm.up.codec=fp16"],
 }
 
 
@@ -491,6 +496,31 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
     return res
 
 
+def bench_comm(s: Settings, work: Path, log: Callable[[str], None],
+               quiet: float = 0.0) -> dict[str, Any]:
+    """Benchmark 3: what encoding and decoding every message (fp16 both ways) adds to a
+    FedAvg round on Fashion-MNIST, against the same run without a codec."""
+    from fedkd.compose import from_dict
+    from fedkd.scenario import dump
+
+    raw = fmnist_scenario(s)
+    yaml_path = work / "bench_comm.yaml"
+    yaml_path.write_text(dump(from_dict(raw)))
+    res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
+    for name in ("C0", "C16"):
+        log(f"message layer: {name}")
+        wait_quiet(quiet, log)
+        res[name] = timing_entry(run_fedkd(name, yaml_path, work), warmup=1)
+        log(f"  median {res[name]['median_s']:.2f} s per round, "
+            f"final acc {res[name]['final_acc']:.4f}")
+    ratio = res["C16"]["median_s"] / res["C0"]["median_s"]
+    res["check"] = check(COMM_TARGET, ratio,
+                         detail=f"{res['C16']['median_s']:.2f} s vs {res['C0']['median_s']:.2f} "
+                                f"s per round; final acc {res['C16']['final_acc']:.4f} vs "
+                                f"{res['C0']['final_acc']:.4f}")
+    return res
+
+
 def fmt_value(c: dict[str, Any]) -> str:
     """A check's value for the tables."""
     return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.3f}"
@@ -552,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small, fast smoke version")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (and .md next to it)")
-    p.add_argument("--only", choices=["overhead", "real"], help="run one benchmark only")
+    p.add_argument("--only", choices=["overhead", "real", "comm"],
+                   help="run one benchmark only")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each configuration, wait up to SECONDS for the 1-minute "
                         "load average to drop below the CPU count")
@@ -606,6 +637,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only in (None, "real"):
             results["real_work"] = bench_real_work(settings, work, log, args.wait_quiet)
             checks += results["real_work"]["checks"]
+            save()
+        if args.only in (None, "comm"):
+            results["message_layer"] = bench_comm(settings, work, log, args.wait_quiet)
+            checks.append(results["message_layer"]["check"])
             save()
     print()
     print(table(checks))

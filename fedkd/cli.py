@@ -90,7 +90,8 @@ def format_summary(s: dict[str, Any]) -> str:
     """The closing lines of ``fedkd simulate``."""
     acc = (f"final accuracy {s['final_acc']:.4f}, best {s['best_acc']:.4f}"
            if s["final_acc"] is not None else "no accuracy recorded")
-    return (f"{s['scenario']}: {s['rounds']} rounds, {acc}, {s['mb_sent']:.2f} MB sent, "
+    ended = "" if s.get("status", "completed") == "completed" else f" ({s['status']})"
+    return (f"{s['scenario']}: {s['rounds']} rounds{ended}, {acc}, {s['mb_sent']:.2f} MB sent, "
             f"{s['wall_s']:.1f} s\nrun folder: {s['run_dir']}")
 
 

@@ -9,9 +9,10 @@ folder), built once per process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +31,6 @@ ClientFn = Callable[[Message, "ClientEnv"], RecordDict]
 CLIENT_FUNCS: dict[str, ClientFn] = {}
 
 
-class ClientDropout(RuntimeError):
-    """Raised when the scenario's failure model makes a sampled client drop out of a round."""
-
-
 def client_fn(message_type: str) -> Callable[[ClientFn], ClientFn]:
     """Register the client-side handler of a Flower message type (``category[.action]``)."""
 
@@ -49,12 +46,13 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
 
 
-def train_config_record(cfg: TrainConfig, seed: int, dropout: float = 0.0) -> ConfigRecord:
+def train_config_record(cfg: TrainConfig, seed: int, dropout: float = 0.0,
+                        crash: float = 0.0) -> ConfigRecord:
     """Local-training hyper-parameters as the ConfigRecord a strategy sends each round."""
     return ConfigRecord({
         "lr": cfg.lr, "momentum": cfg.momentum, "weight-decay": cfg.weight_decay,
         "epochs": cfg.epochs, "steps": cfg.steps or 0, "batch-size": cfg.batch_size,
-        "seed": seed, "dropout": dropout,
+        "seed": seed, "dropout": dropout, "crash": crash,
     })
 
 
@@ -165,7 +163,7 @@ class ClientEnv:
         return train_config_from(self.config)
 
 
-def make_client_app(source: WorldSource) -> ClientApp:
+def make_client_app(source: WorldSource, mods: Sequence[Any] = ()) -> ClientApp:
     """Build the ClientApp serving every registered client function.
 
     The handlers of a strategy exist once its module is imported:
@@ -175,8 +173,10 @@ def make_client_app(source: WorldSource) -> ClientApp:
     ----------
     source : WorldSource
         Where each process finds its world and state store.
+    mods : Sequence
+        Flower ClientApp mods wrapped around every handler (e.g. the wire's codecs).
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     def dispatch(msg: Message, context: Context) -> Message:
         kind = msg.metadata.message_type
@@ -185,11 +185,6 @@ def make_client_app(source: WorldSource) -> ClientApp:
         config = msg.content.config_records.get("config", ConfigRecord())
         env = ClientEnv(cid=int(context.node_config["partition-id"]), world=source.world(),
                         store=source.store(), config=config)
-        dropout = float(config.get("dropout", 0.0))
-        if kind.startswith("train") and dropout > 0:
-            draw = np.random.default_rng(env.seed(2)).random()
-            if draw < dropout:
-                raise ClientDropout(f"client {env.cid} dropped out in round {env.server_round}")
         return Message(CLIENT_FUNCS[kind](msg, env), reply_to=msg)
 
     for kind in ("train", "evaluate", "query"):

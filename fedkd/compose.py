@@ -19,12 +19,15 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
+from fedkd.budget import Budgeted
 from fedkd.client import WorldSource, make_client_app
 from fedkd.data.datasets import DATASETS
 from fedkd.data.partition import PARTITIONERS
 from fedkd.errors import ScenarioError
+from fedkd.faults import fault_mod
 from fedkd.models import MODELS
 from fedkd.scenario import Scenario, check_kwargs, parse_scenario, read_scenario
+from fedkd.wire import make_wire, wire_mod
 from fedkd.world import World, build_world
 from strategies import STRATEGY_CONTEXT_ARGS, get_strategy
 
@@ -58,6 +61,7 @@ def validate(scn: Scenario) -> None:
                      skip=("input_shape", "num_classes"))
     strategy = get_strategy(scn.strategy.name)
     check_kwargs(strategy, scn.strategy.params, "strategy.params", skip=STRATEGY_CONTEXT_ARGS)
+    make_wire(scn.comm, scn.seed)
 
 
 def check_resources(asked: Mapping[str, float], available: Mapping[str, float],
@@ -108,6 +112,9 @@ def build_strategy(scn: Scenario, world: World | None = None) -> Any:
                    min_available_nodes=scn.clients.num, seed=scn.seed, **scn.strategy.params)
     if world is not None and hasattr(strategy, "bind"):
         strategy.bind(world)
+    budget = scn.comm.budget
+    if budget.round_mb is not None or budget.total_mb is not None:
+        strategy = Budgeted(strategy, budget.round_mb, budget.total_mb, budget.policy, scn.seed)
     return strategy
 
 
@@ -117,8 +124,11 @@ def client_app(source: WorldSource) -> ClientApp:
     Importing the strategy's module registers its client functions (also for a strategy file
     a researcher dropped into ``strategies/``).
     """
-    get_strategy(source.scenario().strategy.name)
-    return make_client_app(source)
+    scn = source.scenario()
+    get_strategy(scn.strategy.name)
+    wire = make_wire(scn.comm, scn.seed)
+    mods = [fault_mod, *([wire_mod(wire, source.store)] if wire.active else [])]
+    return make_client_app(source, mods=mods)
 
 
 def prepare(scn: Scenario) -> tuple[World, Any]:

@@ -91,6 +91,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """A kind of device: its share of clients, compute speed, bandwidths and availability."""
+
+    name: str = "device"
+    fraction: float = field(default=1.0, metadata=_check(_fraction, "a number in (0, 1]"))
+    gflops: float = field(default=10.0, metadata=_check(_positive, "a number > 0"))
+    up_mbps: float = field(default=10.0, metadata=_check(_positive, "a number > 0"))
+    down_mbps: float = field(default=50.0, metadata=_check(_positive, "a number > 0"))
+    availability: float = field(default=1.0, metadata=_check(_fraction, "a number in (0, 1]"))
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Device profiles assigned to clients by fraction, and an optional availability trace."""
+
+    profiles: tuple[DeviceProfile, ...] = (DeviceProfile(),)
+    trace: str | None = None
+
+
+@dataclass(frozen=True)
 class ClientsConfig:
     """The client population: how many, who takes part, which models, how they train."""
 
@@ -100,6 +120,9 @@ class ClientsConfig:
     models: tuple[ModelSpec, ...] = (ModelSpec(),)
     train: TrainConfig = TrainConfig()
     dropout: float = field(default=0.0, metadata=_check(_unit_interval, "a number in [0, 1)"))
+    crash: float = field(default=0.0, metadata=_check(_unit_interval, "a number in [0, 1)"))
+    devices: DevicesConfig | None = None
+    deadline_s: float | None = field(default=None, metadata=_check(_positive, "a number > 0"))
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,32 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class CodecConfig:
+    """A registered codec (``fedkd list``) and its params, for one direction."""
+
+    codec: str = "fp32"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Communication budget: MB (10^6 bytes) per round and per run, and what to do at it."""
+
+    round_mb: float | None = field(default=None, metadata=_check(_positive, "a number > 0"))
+    total_mb: float | None = field(default=None, metadata=_check(_positive, "a number > 0"))
+    policy: Literal["stop", "sample_fewer"] = "stop"
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """What crosses the network: the codec of each direction and the budget."""
+
+    down: CodecConfig = CodecConfig()
+    up: CodecConfig = CodecConfig()
+    budget: BudgetConfig = BudgetConfig()
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where runs are written."""
 
@@ -172,6 +221,7 @@ class Scenario:
     strategy: StrategyConfig = StrategyConfig()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
+    comm: CommConfig = CommConfig()
     output: OutputConfig = OutputConfig()
     sweep: SweepConfig = SweepConfig()
 
@@ -207,7 +257,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against the type ``tp`` and return it in that type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        blocks = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(blocks) == 1:  # an optional block: its errors
+            return _coerce(blocks[0], value, path)
+        for arg in args:
             try:
                 return _coerce(arg, value, path)
             except ScenarioError:
@@ -450,6 +506,17 @@ def check_rules(scn: Scenario) -> None:
     if abs(total - 1.0) > 1e-6:
         raise ScenarioError("clients.models", [m.fraction for m in scn.clients.models],
                             "fractions that sum to 1")
+    devices = scn.clients.devices
+    if devices is not None:
+        shares = [p.fraction for p in devices.profiles]
+        if not shares or abs(sum(shares) - 1.0) > 1e-6:
+            raise ScenarioError("clients.devices.profiles", shares, "fractions that sum to 1")
+        names = [p.name for p in devices.profiles]
+        if len(set(names)) != len(names):
+            raise ScenarioError("clients.devices.profiles", names, "distinct names")
+    if scn.clients.deadline_s is not None and devices is None:
+        raise ScenarioError("clients.deadline_s", scn.clients.deadline_s,
+                            "null unless clients.devices gives the devices it is timed on")
     if scn.clients.min_clients > scn.clients.num:
         raise ScenarioError("clients.min_clients", scn.clients.min_clients,
                             f"an integer <= clients.num ({scn.clients.num})")

@@ -132,6 +132,30 @@ def _run_one(scenario: str, base: Sequence[str], run: SweepRun) -> tuple[SweepRu
     return run, proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep command will run: its folder, grid, seeds and runs."""
+
+    root: Path
+    grid: dict[str, list[Any]]
+    seeds: list[int]
+    runs: list[SweepRun]
+
+
+def resolve(scenario: str, grid_items: Sequence[str] = (), seeds_text: str | None = None,
+            overrides: Sequence[str] = (), out: str | None = None) -> SweepPlan:
+    """The sweep folder and runs of a sweep command, without running anything.
+
+    ``--grid`` / ``--seeds`` win over the scenario's ``sweep: {grid, seeds}`` block; the
+    default folder is ``<output.dir>/<scenario>/sweep-<hash of grid, seeds and --set>``.
+    """
+    scn = load_scenario(scenario, overrides)
+    grid = parse_grid(grid_items) or {k: list(v) for k, v in scn.sweep.grid.items()}
+    seeds = parse_seeds(seeds_text) or list(scn.sweep.seeds)
+    root = Path(out) if out else default_root(scn, grid, seeds, overrides, None)
+    return SweepPlan(root, grid, seeds, plan(scn, grid, seeds, root))
+
+
 def sweep(scenario: str, grid_items: Sequence[str] = (), seeds_text: str | None = None,
           overrides: Sequence[str] = (), out: str | None = None, parallel: int = 1,
           progress: bool = True) -> tuple[Path, list[SweepRun], list[str]]:
@@ -160,11 +184,8 @@ def sweep(scenario: str, grid_items: Sequence[str] = (), seeds_text: str | None 
     tuple
         The sweep folder, all runs, and one line per failed run.
     """
-    scn = load_scenario(scenario, overrides)
-    grid = parse_grid(grid_items) or {k: list(v) for k, v in scn.sweep.grid.items()}
-    seeds = parse_seeds(seeds_text) or list(scn.sweep.seeds)
-    root = Path(out) if out else default_root(scn, grid, seeds, overrides, None)
-    runs = plan(scn, grid, seeds, root)
+    todo_plan = resolve(scenario, grid_items, seeds_text, overrides, out)
+    root, grid, seeds, runs = todo_plan.root, todo_plan.grid, todo_plan.seeds, todo_plan.runs
     for point in dict.fromkeys(r.overrides for r in runs):  # each grid point as a whole
         check_point(scenario, overrides, point)
     root.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,34 @@ def test_actors_that_cannot_be_placed_are_an_error(ray_grid: RayGrid, tmp_path: 
         RecordDict(), dst_node_id=NODE_BASE, message_type="query.ping")]))) == 1
 
 
+class CountingActor:
+    """Wraps an actor handle and counts ``run.remote`` calls."""
+
+    def __init__(self, actor: object) -> None:
+        self.actor, self.calls, self.run = actor, 0, self
+
+    def remote(self, batch: list) -> object:
+        self.calls += 1
+        return self.actor.run.remote(batch)  # type: ignore[attr-defined]
+
+
+def test_ray_grid_sends_each_actor_one_batch_per_call(ray_grid: RayGrid) -> None:
+    """README: each round's messages go to each actor as one batch (one Ray call)."""
+    saved = ray_grid.actors
+    counting = [CountingActor(a) for a in saved]
+    ray_grid.actors = counting  # type: ignore[assignment]
+    try:
+        ids = list(ray_grid.get_node_ids())
+        replies = list(ray_grid.send_and_receive(
+            [Message(RecordDict(), dst_node_id=n, message_type="query.ping") for n in ids]))
+        assert len(replies) == 6 and [c.calls for c in counting] == [1, 1]
+        ray_grid.send_and_receive([Message(RecordDict(), dst_node_id=ids[0],
+                                           message_type="query.ping")])
+        assert sum(c.calls for c in counting) == 3  # one message: one call
+    finally:
+        ray_grid.actors = saved
+
+
 def test_ray_grid_handshake_reports_partition(ray_grid: RayGrid) -> None:
     ids = list(ray_grid.get_node_ids())
     msgs = [Message(RecordDict({"config": ConfigRecord({"seed": 0})}), dst_node_id=n,
@@ -163,3 +191,20 @@ def test_all_failed_round_raises_unless_dropout() -> None:
     check_replies(1, [])
     with pytest.raises(AllClientsFailed, match="round 2: all 3 clients failed.*boom"):
         check_replies(2, bug)
+
+
+def test_a_dead_actor_is_replaced_and_its_clients_fail(ray_grid: RayGrid) -> None:
+    import ray
+
+    ids = list(ray_grid.get_node_ids())
+    ping = [Message(RecordDict(), dst_node_id=n, message_type="query.ping") for n in ids]
+    dead = ray_grid.actors[0]
+    ray.kill(dead, no_restart=True)
+    replies = list(ray_grid.send_and_receive(ping))
+    failed = [r for r in replies if r.has_error()]
+    assert 0 < len(failed) < len(ids)  # the dead actor's clients, and only those
+    assert all(r.error.reason.startswith("WorkerDied: client ") for r in failed)
+    assert ray_grid.replaced == 1 and ray_grid.actors[0] is not dead
+    again = list(ray_grid.send_and_receive(
+        [Message(RecordDict(), dst_node_id=n, message_type="query.ping") for n in ids]))
+    assert len(again) == len(ids) and not any(r.has_error() for r in again)

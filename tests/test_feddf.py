@@ -109,6 +109,33 @@ def test_ensemble_per_sample_weights() -> None:
     torch.testing.assert_close(probs.sum(1), torch.ones(2))
 
 
+def test_distill_uses_clipped_adam_and_cosine_annealing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: the server distils with Adam (lr ``distill_lr``), cosine annealing over
+    ``distill_steps`` and gradient clipping at ``max_grad_norm``."""
+    import strategies.feddf as feddf
+
+    made: dict[str, object] = {}
+
+    class SpyAdam(feddf.ClippedAdam):
+        def __init__(self, params, lr, max_norm):  # type: ignore[no-untyped-def]
+            made["adam"] = (lr, max_norm)
+            super().__init__(params, lr=lr, max_norm=max_norm)
+
+    class SpyCosine(torch.optim.lr_scheduler.CosineAnnealingLR):
+        def __init__(self, optimizer, T_max):  # type: ignore[no-untyped-def]  # noqa: N803
+            made["cosine"] = T_max
+            super().__init__(optimizer, T_max=T_max)
+
+    monkeypatch.setattr(feddf, "ClippedAdam", SpyAdam)
+    monkeypatch.setattr(torch.optim.lr_scheduler, "CosineAnnealingLR", SpyCosine)
+    student = torch.nn.Linear(4, 3)
+    x = torch.randn(32, 4)
+    result = feddf.distill(student, x, torch.randn(32, 3), distill_loss("logits", 1.0),
+                           steps=7, batch_size=8, lr=3e-3, seed=0, val=None,
+                           eval_interval=5, patience=0, max_grad_norm=5.0)
+    assert made == {"adam": (3e-3, 5.0), "cosine": 7} and result.steps == 7
+
+
 def test_bad_params_name_the_key() -> None:
     with pytest.raises(ScenarioError, match="strategy.params.ensemble"):
         FedDF(ensemble="avg_losses")

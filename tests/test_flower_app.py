@@ -3,64 +3,17 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from grids import PlainGrid
 
 from strategies.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class PlainGrid(Grid):
-    """Nodes running a plain Flower ClientApp: ``train`` adds the node's number to every array
-    and reports ``num-examples``; any other message type is an error, as in Flower."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-        self.sent: list[Message] = []
-
-    def set_run(self, run: object) -> None:  # pragma: no cover - unused
-        pass
-
-    @property
-    def run(self) -> object:  # pragma: no cover - unused
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for m in messages:
-            self.sent.append(m)
-            if m.metadata.message_type != "train":
-                replies.append(Message(Error(0, "No query function registered with name "
-                                                "'hello'"), reply_to=m))
-                continue
-            k = self.node_ids.index(m.metadata.dst_node_id) + 1
-            arrays = ArrayRecord({key: Array(a.numpy() + k)
-                                  for key, a in m.content["arrays"].items()})
-            replies.append(Message(RecordDict({
-                "arrays": arrays,
-                "metrics": MetricRecord({"num-examples": 10 * k, "train_loss": float(k)})}),
-                reply_to=m))
-        return replies
 
 
 INITIAL = ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32)),

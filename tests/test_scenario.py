@@ -222,11 +222,25 @@ def test_override_through_a_scalar() -> None:
     ("raw", "path", "message"),
     [
         ({"bogus": 1}, "bogus",
-         "bogus: got 1; allowed: a known key: ['clients', 'data', 'engine', 'eval_every', "
-         "'name', 'output', 'partition', 'rounds', 'seed', 'server', 'strategy', 'sweep']"),
+         "bogus: got 1; allowed: a known key: ['clients', 'comm', 'data', 'engine', "
+         "'eval_every', 'name', 'output', 'partition', 'rounds', 'seed', 'server', 'strategy', "
+         "'sweep']"),
         ({"clients": {"nmu": 3}}, "clients.nmu",
-         "clients.nmu: got 3; allowed: a known key: ['dropout', 'fraction', 'min_clients', "
-         "'models', 'num', 'train']"),
+         "clients.nmu: got 3; allowed: a known key: ['crash', 'deadline_s', 'devices', "
+         "'dropout', 'fraction', 'min_clients', 'models', 'num', 'train']"),
+        ({"clients": {"deadline_s": 60}}, "clients.deadline_s",
+         "clients.deadline_s: got 60.0; allowed: null unless clients.devices gives the devices "
+         "it is timed on"),
+        ({"clients": {"devices": {"profiles": [{"name": "a", "fraction": 0.5}]}}},
+         "clients.devices.profiles", "clients.devices.profiles: got [0.5]; allowed: fractions "
+         "that sum to 1"),
+        ({"clients": {"devices": {"profiles": [{"gflops": 0}]}}},
+         "clients.devices.profiles.0.gflops", None),
+        ({"comm": {"up": {"codec": "zip"}}}, "comm.up.codec", None),
+        ({"comm": {"down": {"codec": "topk", "params": {"fraction": 0}}}}, "comm.down.params",
+         None),
+        ({"comm": {"budget": {"policy": "drop"}}}, "comm.budget.policy", None),
+        ({"comm": {"budget": {"total_mb": -1}}}, "comm.budget.total_mb", None),
         ({"clients": {"train": {"lrr": 0.1}}}, "clients.train.lrr", None),
         ({"rounds": "ten"}, "rounds", "rounds: got 'ten'; allowed: an integer"),
         ({"rounds": True}, "rounds", "rounds: got True; allowed: an integer"),
@@ -521,7 +535,7 @@ def test_to_dict_is_plain_data() -> None:
     scn = from_dict(copy.deepcopy(FULL))
     d = to_dict(scn)
     assert list(d) == ["name", "seed", "rounds", "eval_every", "data", "partition", "clients",
-                       "strategy", "engine", "server", "output", "sweep"]
+                       "strategy", "engine", "server", "comm", "output", "sweep"]
     assert d["clients"]["models"] == [
         {"arch": "mlp", "fraction": 0.25, "params": {"hidden": [64, 32]}},
         {"arch": "resnet8", "fraction": 0.75, "params": {"norm": "group"}},
@@ -542,3 +556,15 @@ def test_shipped_scenarios_parse(name: str) -> None:
     scn = load_scenario(path)
     assert scn.name == name
     assert scn.clients.num in (10, 20)
+    shipped = {  # what README says of each shipped scenario
+        "quickstart": ("digits", 10, "dirichlet", 0.5, 1.0, 20, "cnn_small"),
+        "noniid_fashion": ("fashion_mnist", 20, "dirichlet", 0.1, 0.4, None, None),
+        "noniid_cifar": ("cifar10", 20, "dirichlet", 0.1, 0.4, 100, "resnet8"),
+    }[name]
+    got = (scn.data.name, scn.clients.num, scn.partition.name,
+           scn.partition.params.get("alpha"), scn.clients.fraction, scn.rounds,
+           scn.clients.models[0].arch)
+    assert [g for g, w in zip(got, shipped, strict=True) if w is not None] == [
+        w for w in shipped if w is not None]
+    if name == "noniid_cifar":
+        assert scn.data.public.dataset == "cifar100" and scn.data.download

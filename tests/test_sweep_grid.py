@@ -44,3 +44,21 @@ def test_sweep_of_strategies_by_weightings(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| name=")]
     assert len(rows) == 4
+
+
+def test_scenario_sweep_block_and_stable_default_folder(tmp_path: Path) -> None:
+    from fedkd.sweep import resolve
+
+    path = tmp_path / "study.yaml"
+    path.write_text(f"rounds: 1\noutput: {{dir: {tmp_path / 'runs'}}}\n"
+                    "sweep: {grid: {clients.fraction: [0.5, 1.0]}, seeds: [0, 1]}\n")
+    first = resolve(str(path))
+    assert first.grid == {"clients.fraction": [0.5, 1.0]} and first.seeds == [0, 1]
+    assert [(r.config, r.seed) for r in first.runs] == [
+        ("fraction=0.5", 0), ("fraction=0.5", 1), ("fraction=1.0", 0), ("fraction=1.0", 1)]
+    assert first.root.parent == tmp_path / "runs" / "study"
+    assert first.root.name.startswith("sweep-")
+    assert resolve(str(path)).root == first.root  # the same command resumes the same folder
+    flags = resolve(str(path), ["rounds=1,2"], "3")  # --grid and --seeds win over the block
+    assert flags.grid == {"rounds": [1, 2]} and flags.seeds == [3]
+    assert flags.root != first.root

@@ -4,12 +4,16 @@ Each round's messages are grouped into ONE batch per actor (balanced by client d
 and sent as one Ray call, instead of one call per message: at 100 trivial clients that is a
 few milliseconds per round, against ~0.3 s for Flower's own polling simulation engine.
 The world (dataset tensors, partitions) goes into Ray's object store once and every actor
-receives it at start-up. Replies come back in the order the messages were sent.
+receives it at start-up. Replies come back in the order the messages were sent. An actor
+that dies (killed, out of memory) is replaced at once; the clients it held that round come
+back as error replies (``WorkerDied``), counted as failures, and later rounds run normally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Iterable, Sequence
 
@@ -23,6 +27,13 @@ from fedkd.client import WorldSource
 from fedkd.compose import client_app
 from fedkd.errors import ScenarioError
 from fedkd.world import World, install_world
+
+LOG = logging.getLogger("fedkd")
+
+
+class WorkerDied(RuntimeError):
+    """A client's worker process died while it held the client's message."""
+
 
 #: Node ids are ``NODE_BASE + partition id`` (kept clear of Flower's reserved ids).
 NODE_BASE = 1 << 20
@@ -110,8 +121,9 @@ class RayGrid(Grid):
         self.costs = [max(len(p), 1) for p in world.parts]
         ref = ray.put(world)
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        self.actors = [ClientActor.options(**opts).remote(ref, source)
-                       for _ in range(actors)]
+        self._spawn = lambda: ClientActor.options(**opts).remote(ref, source)
+        self.actors = [self._spawn() for _ in range(actors)]
+        self.replaced = 0
         try:
             ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -176,7 +188,7 @@ class RayGrid(Grid):
             return []
         cids = [m.metadata.dst_node_id - NODE_BASE for m in msgs]
         plan = balance([self.costs[c] for c in cids], min(len(self.actors), len(msgs)))
-        futures = {self.actors[b].run.remote([(cids[i], msgs[i]) for i in idx]): idx
+        futures = {self.actors[b].run.remote([(cids[i], msgs[i]) for i in idx]): (b, idx)
                    for b, idx in enumerate(plan) if idx}
         replies: list[Message | None] = [None] * len(msgs)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -185,9 +197,15 @@ class RayGrid(Grid):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=left)
             for fut in done:
-                idx = futures[fut]
+                b, idx = futures[fut]
                 try:
                     out = ray.get(fut)
+                except ray.exceptions.RayActorError as exc:
+                    self._replace(b)
+                    reason = " ".join(str(exc).split())[:300]
+                    out = [Message(Error(ERROR_CODE_CLIENT, f"{WorkerDied.__name__}: client "
+                                         f"{cids[i]} lost with its worker: {reason}"),
+                                   reply_to=msgs[i]) for i in idx]
                 except ray.exceptions.RayError as exc:
                     out = [Message(Error(ERROR_CODE_CLIENT, f"worker failed: {exc}"),
                                    reply_to=msgs[i]) for i in idx]
@@ -196,6 +214,15 @@ class RayGrid(Grid):
             if deadline is not None and time.monotonic() >= deadline:
                 break
         return replies
+
+    def _replace(self, b: int) -> None:
+        """Start a new actor in place of actor ``b``, which died (killed, out of memory)."""
+        LOG.warning("client actor %d died; replacing it", b)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[b])
+        self.actors[b] = self._spawn()
+        ray.get(self.actors[b].ready.remote())
+        self.replaced += 1
 
     def shutdown(self) -> None:
         """Stop the actors."""

@@ -19,9 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedkd.client import ClientDropout, train_config_record
+from fedkd.budget import Budgeted, BudgetExhausted
+from fedkd.client import train_config_record
+from fedkd.clock import ClockGrid, make_clock
 from fedkd.comm import arrayrecord_to_state_dict, message_bytes, split_groups
+from fedkd.faults import SIMULATED
 from fedkd.train import evaluate
+from fedkd.wire import Refs, Wire, decode_replies, encode_cached, make_wire
 from fedkd.world import World
 
 
@@ -37,19 +41,28 @@ class Traffic:
 
 
 class AccountingGrid(Grid):
-    """Wraps a Grid: counts every message's array bytes per node and orders replies.
+    """Wraps a Grid: encodes messages for the wire, counts their bytes per node, orders replies.
 
-    Replies are returned in the order the messages were sent, whatever order the inner grid
-    delivered them in, so aggregation is deterministic on every engine.
+    With a :class:`~fedkd.wire.Wire`, outgoing messages are encoded with ``comm.down`` before
+    they are counted and sent, and replies are counted, then decoded with ``comm.up``: the
+    counts are the encoded payloads. Replies are returned in the order the messages were
+    sent, whatever order the inner grid delivered them in, so aggregation is deterministic
+    on every engine.
     """
 
-    def __init__(self, inner: Grid) -> None:
+    def __init__(self, inner: Grid, wire: Wire | None = None) -> None:
         self.inner = inner
+        self.wire = wire if wire is not None and wire.active else None
         self.traffic: dict[int, Traffic] = {}
+        self.spent = 0  # bytes down and up since the start of the run
+        self.reply_sizes: dict[tuple[str, int], int] = {}  # largest reply per (type, node)
+        self._refs: dict[int, Refs] = {}
+        self._encoded: dict[int, RecordDict] = {}  # contents already encoded this round
 
     def reset(self) -> dict[int, Traffic]:
         """Return this round's traffic and start a new round."""
         out, self.traffic = self.traffic, {}
+        self._encoded = {}
         return out
 
     def _node(self, node_id: int) -> Traffic:
@@ -74,16 +87,16 @@ class AccountingGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Count and push."""
-        msgs = list(messages)
+        """Encode, count and push."""
+        msgs = self.encode(list(messages))
         self._count_down(msgs)
         return self.inner.push_messages(msgs)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull and count."""
+        """Pull, count and decode."""
         replies = list(self.inner.pull_messages(message_ids))
         self._count_up(replies)
-        return replies
+        return self._decode(replies)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -91,15 +104,43 @@ class AccountingGrid(Grid):
         msgs = list(messages)
         if not msgs:
             return []
+        msgs = self.encode(msgs)
         self._count_down(msgs)
         replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
         self._count_up(replies)
+        replies = self._decode(replies)
         order = {m.metadata.dst_node_id: i for i, m in enumerate(msgs)}
         return sorted(replies, key=lambda r: order.get(r.metadata.src_node_id, len(order)))
 
+    def encode(self, msgs: list[Message]) -> list[Message]:
+        """Encode messages for the wire now (a budget prices them before they are sent)."""
+        if self.wire is None:
+            return msgs
+        todo = [m for m in msgs if id(m.content) not in self._encoded]
+        todo, refs = encode_cached(self.wire, todo)
+        self._refs.update(refs)
+        self._encoded.update({id(m.content): m.content for m in todo})
+        return msgs
+
+    def reply_estimate(self, msg: Message) -> int:
+        """Bytes of a reply that mirrors ``msg``'s arrays, encoded with ``comm.up``."""
+        if self.wire is None:
+            return message_bytes(msg.content)
+        decoded = self.wire.decode(msg.content, self.wire.down)
+        node = msg.metadata.dst_node_id
+        return message_bytes(self.wire.encode(decoded, self.wire.up, 0, 0, node,
+                                              refs=self._refs.get(node)))
+
+    def _decode(self, replies: list[Message]) -> list[Message]:
+        if self.wire is None:
+            return replies
+        return decode_replies(self.wire, replies, self._refs)
+
     def _count_down(self, msgs: list[Message]) -> None:
         for m in msgs:
-            self._node(m.metadata.dst_node_id).down += message_bytes(m.content)
+            nbytes = message_bytes(m.content)
+            self._node(m.metadata.dst_node_id).down += nbytes
+            self.spent += nbytes
 
     def _count_up(self, replies: list[Message]) -> None:
         for r in replies:
@@ -107,7 +148,11 @@ class AccountingGrid(Grid):
             if r.has_error():
                 t.failed = True
                 continue
-            t.up += message_bytes(r.content)
+            nbytes = message_bytes(r.content)
+            t.up += nbytes
+            self.spent += nbytes
+            key = (r.metadata.message_type, r.metadata.src_node_id)
+            self.reply_sizes[key] = max(self.reply_sizes.get(key, 0), nbytes)
             kind = r.metadata.message_type.split(".")[0]
             target = {"train": t.metrics, "evaluate": t.eval}.get(kind)
             if target is not None:
@@ -119,7 +164,7 @@ LOG = logging.getLogger("fedkd")
 
 
 class AllClientsFailed(RuntimeError):
-    """Every client of a round failed for a reason other than the scenario's dropout model."""
+    """Every client of a round failed for a reason other than the scenario's failure model."""
 
 
 def check_replies(server_round: int, replies: list[Message]) -> None:
@@ -127,7 +172,7 @@ def check_replies(server_round: int, replies: list[Message]) -> None:
     errors = [r.error.reason for r in replies if r.has_error()]
     for reason in errors:
         LOG.warning("round %d: client error: %s", server_round, reason)
-    real = [e for e in errors if ClientDropout.__name__ not in e]
+    real = [e for e in errors if not e.startswith(SIMULATED)]
     if replies and len(errors) == len(replies) and real:
         raise AllClientsFailed(f"round {server_round}: all {len(replies)} clients failed; "
                                f"first error: {real[0]}")
@@ -160,6 +205,14 @@ def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict
 
 
 @dataclass(frozen=True)
+class RunEnd:
+    """How a run of rounds ended: its final global arrays and its status."""
+
+    arrays: ArrayRecord
+    status: str
+
+
+@dataclass(frozen=True)
 class RoundResult:
     """Everything the records need about one finished round."""
 
@@ -173,7 +226,7 @@ class RoundResult:
 
 def run_rounds(world: World, strategy: Any, grid: Grid,
                on_round: Callable[[RoundResult], None],
-               arrays: ArrayRecord | None = None, first_round: int = 1) -> ArrayRecord:
+               arrays: ArrayRecord | None = None, first_round: int = 1) -> RunEnd:
     """Run the scenario's rounds of ``strategy`` over ``grid``.
 
     Parameters
@@ -194,32 +247,49 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
 
     Returns
     -------
-    ArrayRecord
-        The final global arrays.
+    RunEnd
+        The final global arrays and how the run ended (``completed``, or
+        ``budget_exhausted`` when a budget-wrapped strategy cannot fit the next round).
     """
     scn = world.scenario
-    acct = AccountingGrid(grid)
+    acct = AccountingGrid(grid, make_wire(scn.comm, scn.seed))
+    clock = make_clock(world)
+    net: Grid = acct if clock is None else ClockGrid(acct, clock,
+                                                     lambda nid: strategy.node(nid).cid)
     if arrays is None:
         arrays = (strategy.initial_arrays(world) if hasattr(strategy, "initial_arrays")
                   else ArrayRecord())
-    train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout)
+    train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout,
+                                    scn.clients.crash)
+    budgeted = isinstance(strategy, Budgeted)
     for rnd in range(first_round, scn.rounds + 1):
         start = time.perf_counter()
-        replies = list(acct.send_and_receive(
-            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), acct)))
+        try:
+            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)),
+                                                 net))
+        except BudgetExhausted as exc:
+            LOG.warning("budget exhausted; stopping before round %d: %s", rnd, exc)
+            acct.reset()
+            return RunEnd(arrays, "budget_exhausted")
+        replies = list(net.send_and_receive(msgs))
         check_replies(rnd, replies)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
         metrics: dict[str, float] = {}
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), acct))
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), net))
         if eval_msgs:
-            fed = strategy.aggregate_evaluate(rnd, acct.send_and_receive(eval_msgs))
+            fed = strategy.aggregate_evaluate(rnd, net.send_and_receive(eval_msgs))
             metrics.update({k: float(v) for k, v in (fed or {}).items()
                             if isinstance(v, int | float) and k != "num-examples"})
-        if len(arrays) and (rnd % scn.eval_every == 0 or rnd == scn.rounds):
+        # a budgeted run may end after any round: every round is evaluated
+        if len(arrays) and (budgeted or rnd % scn.eval_every == 0 or rnd == scn.rounds):
             metrics.update(central_evaluate(world, arrays, scn.server.eval_batch_size))
+        if budgeted:
+            metrics.update(strategy.round_metrics(rnd, acct))
+        if clock is not None:
+            metrics.update(clock.metrics(rnd))
         on_round(RoundResult(round=rnd, arrays=arrays, train_metrics=dict(train_metrics or {}),
                              eval_metrics=metrics, traffic=acct.reset(),
                              seconds=time.perf_counter() - start))
-    return arrays
+    return RunEnd(arrays, "completed")

@@ -222,12 +222,14 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
             recorder = RunRecorder(world, run_dir, strategy,
                                    metrics_port=metrics_port, progress=progress)
             status = "failed"
+            ends: list[str] = []
             try:
                 with ray_session(scn.engine, verbose):
                     ENGINES[scn.engine.name](
                         world, source, scn.engine,
-                        lambda grid: run_rounds(world, strategy, grid, recorder), verbose)
-                status = "completed"
+                        lambda grid: ends.append(
+                            run_rounds(world, strategy, grid, recorder).status), verbose)
+                status = ends[-1] if ends else "failed"
             except KeyboardInterrupt:
                 status = "interrupted"
                 raise

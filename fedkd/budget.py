@@ -1,0 +1,159 @@
+"""Communication budgets, as a wrapper around any strategy (the shape of Flower's DP wrappers).
+
+``comm.budget.round_mb`` caps one round's bytes, down and up together; ``total_mb`` caps the
+run. Before a round's messages leave, the wrapper prices them: the exact encoded bytes of
+what the server sends (the grid encodes them for the wire first) plus an estimate of the
+replies, the largest reply each node sent for that message type so far or, before any, the
+request's own arrays encoded with ``comm.up`` (a reply that mirrors its request, as weights
+do). Then:
+
+- ``policy: stop`` ends the run cleanly, with ``summary.json`` status ``budget_exhausted``,
+  when the next round cannot fit;
+- ``policy: sample_fewer`` drops a seeded random subset of the round's messages until the
+  rest fits (``budget_dropped`` in ``metrics.parquet``), and stops when not even one fits.
+
+Evaluation messages that do not fit are skipped. The estimate is exact for strategies whose
+replies mirror their requests (FedAvg and the weight-sharing family) and for any strategy
+from its second round on when its replies keep their size; a reply larger than every earlier
+one of its kind is the one way to overshoot, and is recorded as ``budget_left_mb < 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedkd.comm import message_bytes
+
+MB = 1e6
+
+
+class BudgetExhausted(Exception):  # noqa: N818 - a control-flow signal, like StopIteration
+    """The next round does not fit the budget: the run ends cleanly."""
+
+
+class Budgeted(Strategy):
+    """Any strategy, held to a communication budget.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The wrapped strategy; everything the budget does not change is delegated to it.
+    round_mb, total_mb : float, optional
+        Caps of one round and of the run, in MB (10^6 bytes); None: no cap.
+    policy : str
+        ``"stop"`` or ``"sample_fewer"``.
+    seed : int
+        Seeds which messages ``sample_fewer`` drops.
+    """
+
+    def __init__(self, strategy: Strategy, round_mb: float | None, total_mb: float | None,
+                 policy: str = "stop", seed: int = 0) -> None:
+        if policy not in ("stop", "sample_fewer"):
+            raise ValueError(f"policy must be 'stop' or 'sample_fewer', got {policy!r}")
+        self.strategy = strategy
+        self.round_cap = None if round_mb is None else round_mb * MB
+        self.total_cap = None if total_mb is None else total_mb * MB
+        self.policy = policy
+        self.seed = seed
+        self.spent_round = 0
+        self.dropped: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes the wrapper lacks: node(), teacher_weights, bind, ...
+        inner = self.__dict__.get("strategy")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    # ------------------------------------------------------------------ accounting
+    @staticmethod
+    def spent(grid: Grid) -> int:
+        """Bytes the run has sent so far (fedkd's AccountingGrid keeps the count)."""
+        return int(getattr(grid, "spent", 0))
+
+    def left(self, grid: Grid) -> float:
+        """Bytes left in the run (inf without a total cap)."""
+        return float("inf") if self.total_cap is None else self.total_cap - self.spent(grid)
+
+    def price(self, msgs: list[Message], grid: Grid) -> list[int]:
+        """Bytes of each message and its expected reply (encoding the messages for the wire)."""
+        encode = getattr(grid, "encode", None)
+        if encode is not None:
+            msgs[:] = encode(msgs)
+        seen = getattr(grid, "reply_sizes", {})
+        estimate = getattr(grid, "reply_estimate", lambda m: message_bytes(m.content))
+        return [message_bytes(m.content)
+                + seen.get((m.metadata.message_type, m.metadata.dst_node_id), estimate(m))
+                for m in msgs]
+
+    def fit(self, server_round: int, msgs: list[Message], grid: Grid,
+            optional: bool) -> list[Message]:
+        """The messages that fit the budget (all, some, or none)."""
+        if not msgs:
+            return msgs
+        prices = self.price(msgs, grid)
+        room = self.left(grid)
+        if self.round_cap is not None:
+            room = min(room, self.round_cap - self.spent_round)
+        if sum(prices) <= room:
+            self.spent_round += sum(prices)
+            return msgs
+        if optional:
+            return []
+        if self.policy == "stop":
+            raise BudgetExhausted(f"round {server_round} needs {sum(prices) / MB:.3f} MB; "
+                                  f"{max(room, 0) / MB:.3f} MB left")
+        order = np.random.default_rng([self.seed, server_round, 99]).permutation(len(msgs))
+        keep: list[int] = []
+        total = 0
+        for i in order:
+            if total + prices[i] <= room:
+                keep.append(int(i))
+                total += prices[i]
+        if not keep:
+            raise BudgetExhausted(f"round {server_round}: not one client fits the "
+                                  f"{max(room, 0) / MB:.3f} MB left")
+        self.dropped[server_round] = len(msgs) - len(keep)
+        self.spent_round += total
+        return [msgs[i] for i in sorted(keep)]
+
+    # ------------------------------------------------------------------ Strategy hooks
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The inner strategy's messages that fit the budget."""
+        self.spent_round = 0
+        msgs = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        return self.fit(server_round, msgs, grid, optional=False)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate."""
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The inner strategy's evaluation messages, or none if they do not fit."""
+        msgs = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        return self.fit(server_round, msgs, grid, optional=True)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        """Delegate."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Delegate."""
+        self.strategy.summary()
+
+    def round_metrics(self, server_round: int, grid: Grid) -> dict[str, float]:
+        """``budget_left_mb`` (and ``budget_dropped``) after a round."""
+        out = {"budget_left_mb": self.left(grid) / MB}
+        if self.policy == "sample_fewer":
+            out["budget_dropped"] = float(self.dropped.get(server_round, 0))
+        return out
