@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a scenario and write a run folder")
-    _scenario_args(sim)
+    sim.add_argument("scenario", nargs="?", help="scenario YAML file (not with --resume)")
+    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario value, e.g. --set clients.fraction=0.5")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a stopped run from its last checkpoint")
     sim.add_argument("--out", help="folder for runs (default: the scenario's output.dir)")
     sim.add_argument("--engine", choices=["ray", "flower"], help="runtime (default: ray)")
     sim.add_argument("--ray-address", help="attach to a Ray cluster: auto or ray://host:port")
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     rpt.add_argument("--target", type=float, help="target accuracy for rounds/MB to target")
     rpt.add_argument("--baseline", help="config whose mean final accuracy is the target")
 
-    sub.add_parser("list", help="registered components (datasets ... weightings)")
+    sub.add_parser("list", help="registered components (datasets ... weightings, codecs)")
     return parser
 
 
@@ -78,10 +82,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedkd.compose import load_scenario
     from fedkd.engine.simulate import simulate
 
-    scn = load_scenario(args.scenario, _overrides(args))
+    if args.resume:
+        if args.scenario or _overrides(args) or args.run_dir:
+            raise ScenarioError("--resume", args.resume, "a run folder alone (its scenario.yaml "
+                                "is the scenario; no SCENARIO, --set or --run-dir beside it)")
+        scn = load_scenario(Path(args.resume) / "scenario.yaml")
+        run_dir = args.resume
+    elif args.scenario is None:
+        raise ScenarioError("SCENARIO", None, "a scenario YAML file (or --resume RUN_DIR)")
+    else:
+        scn, run_dir = load_scenario(args.scenario, _overrides(args)), args.run_dir
     summary = simulate(scn, out=args.out, metrics_port=args.metrics_port,
                        verbose=args.verbose, progress=not args.no_progress,
-                       run_dir=args.run_dir)
+                       run_dir=run_dir, resume=bool(args.resume))
     print(format_summary(summary))
     return 0
 
@@ -158,6 +171,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print every registry's names."""
+    from fedkd.codecs import CODECS
     from fedkd.data.datasets import DATASETS
     from fedkd.data.partition import PARTITIONERS
     from fedkd.models import MODELS
@@ -166,7 +180,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     for title, reg in (("datasets", DATASETS), ("partitioners", PARTITIONERS),
                        ("models", MODELS), ("strategies", STRATEGIES),
-                       ("weightings", WEIGHTINGS)):
+                       ("weightings", WEIGHTINGS), ("codecs", CODECS)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
 

@@ -215,6 +215,8 @@ class Scenario:
     seed: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     rounds: int = field(default=10, metadata=_check(_positive, "an integer > 0"))
     eval_every: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+    checkpoint_every: int = field(default=0, metadata=_check(lambda v: v >= 0,
+                                                             "an integer >= 0 (0: off)"))
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     clients: ClientsConfig = ClientsConfig()

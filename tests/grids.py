@@ -11,17 +11,10 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.serverapp import Grid
 
 
-class PlainGrid(Grid):
-    """Nodes running a plain Flower ClientApp: ``train`` adds the node's number to every array
-    and reports ``num-examples``; any other message type is an error, as in Flower.
+class ToyGrid(Grid):
+    """The parts of a Flower Grid a toy grid does not use; subclasses answer messages."""
 
-    ``mods`` are Flower ClientApp mods wrapped around that handler (e.g. the wire's codecs).
-    """
-
-    def __init__(self, node_ids: list[int], mods: Sequence[Any] = ()) -> None:
-        self.node_ids = node_ids
-        self.mods = list(mods)
-        self.sent: list[Message] = []
+    node_ids: list[int]
 
     def set_run(self, run: object) -> None:  # pragma: no cover - unused
         pass
@@ -41,6 +34,19 @@ class PlainGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
         raise NotImplementedError
+
+
+class PlainGrid(ToyGrid):
+    """Nodes running a plain Flower ClientApp: ``train`` adds the node's number to every array
+    and reports ``num-examples``; any other message type is an error, as in Flower.
+
+    ``mods`` are Flower ClientApp mods wrapped around that handler (e.g. the wire's codecs).
+    """
+
+    def __init__(self, node_ids: list[int], mods: Sequence[Any] = ()) -> None:
+        self.node_ids = node_ids
+        self.mods = list(mods)
+        self.sent: list[Message] = []
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -226,6 +226,7 @@ def test_list_and_partition(tmp_path: Path) -> None:
     proc = fedkd("list")
     assert proc.returncode == 0
     assert "dirichlet" in proc.stdout and "fedavg" in proc.stdout and "resnet8" in proc.stdout
+    assert "codecs: bf16, fp16, fp32, int8, logit_topk, qsgd, soft_label, topk" in proc.stdout
     png = tmp_path / "p.png"
     proc = fedkd("partition", QUICKSTART, "--png", str(png))
     assert proc.returncode == 0, proc.stderr

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import ToyGrid
 
 from fedkd.client import WorldSource
 from fedkd.compose import from_dict
@@ -42,30 +42,12 @@ def test_balance_longest_processing_time_first() -> None:
     assert balance([1, 1, 1], 5) == [[0], [1], [2], [], []]
 
 
-class EchoGrid(Grid):
+class EchoGrid(ToyGrid):
     """A toy grid that replies to each message in reverse order with a fixed payload."""
 
     def __init__(self, reply_array: np.ndarray) -> None:
         self.reply_array = reply_array
-
-    def set_run(self, run: object) -> None:  # pragma: no cover - unused
-        pass
-
-    @property
-    def run(self) -> object:  # pragma: no cover - unused
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return [1, 2, 3]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
+        self.node_ids = [1, 2, 3]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -222,9 +222,9 @@ def test_override_through_a_scalar() -> None:
     ("raw", "path", "message"),
     [
         ({"bogus": 1}, "bogus",
-         "bogus: got 1; allowed: a known key: ['clients', 'comm', 'data', 'engine', "
-         "'eval_every', 'name', 'output', 'partition', 'rounds', 'seed', 'server', 'strategy', "
-         "'sweep']"),
+         "bogus: got 1; allowed: a known key: ['checkpoint_every', 'clients', 'comm', 'data', "
+         "'engine', 'eval_every', 'name', 'output', 'partition', 'rounds', 'seed', 'server', "
+         "'strategy', 'sweep']"),
         ({"clients": {"nmu": 3}}, "clients.nmu",
          "clients.nmu: got 3; allowed: a known key: ['crash', 'deadline_s', 'devices', "
          "'dropout', 'fraction', 'min_clients', 'models', 'num', 'train']"),
@@ -534,8 +534,9 @@ def test_dump_round_trip(raw: dict[str, Any]) -> None:
 def test_to_dict_is_plain_data() -> None:
     scn = from_dict(copy.deepcopy(FULL))
     d = to_dict(scn)
-    assert list(d) == ["name", "seed", "rounds", "eval_every", "data", "partition", "clients",
-                       "strategy", "engine", "server", "comm", "output", "sweep"]
+    assert list(d) == ["name", "seed", "rounds", "eval_every", "checkpoint_every", "data",
+                       "partition", "clients", "strategy", "engine", "server", "comm", "output",
+                       "sweep"]
     assert d["clients"]["models"] == [
         {"arch": "mlp", "fraction": 0.25, "params": {"hidden": [64, 32]}},
         {"arch": "resnet8", "fraction": 0.75, "params": {"norm": "group"}},

@@ -54,7 +54,8 @@ class RunRecorder:
     """
 
     def __init__(self, world: World, run_dir: Path, strategy: Any,
-                 metrics_port: int | None = None, progress: bool = True) -> None:
+                 metrics_port: int | None = None, progress: bool = True,
+                 resume_round: int = 0) -> None:
         self.world = world
         self.run_dir = run_dir
         self.strategy = strategy
@@ -63,10 +64,16 @@ class RunRecorder:
         self.metrics = ParquetLog(run_dir / "metrics.parquet")
         self.clients = ParquetLog(run_dir / "clients.parquet")
         self.teachers = ParquetLog(run_dir / "teachers.parquet")
+        if resume_round:  # a resumed run: keep the rows up to its checkpoint, drop the rest
+            for log in (self.metrics, self.clients, self.teachers):
+                if log.path.exists():
+                    rows = pq.read_table(log.path).to_pylist()
+                    log.extend([r for r in rows if r["round"] <= resume_round])
         self.prom = PromExporter(metrics_port) if metrics_port else None
         self.bar = tqdm(total=world.scenario.rounds, desc=world.scenario.name, unit="round",
-                        disable=not progress, dynamic_ncols=True)
-        self.cum = [0, 0]
+                        initial=resume_round, disable=not progress, dynamic_ncols=True)
+        last = self.metrics.rows[-1] if self.metrics.rows else {}
+        self.cum = [int(last.get("bytes_down_cum", 0)), int(last.get("bytes_up_cum", 0))]
         self.start = time.perf_counter()
 
     def __call__(self, res: RoundResult) -> None:

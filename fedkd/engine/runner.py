@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedkd.budget import Budgeted, BudgetExhausted
+from fedkd.checkpoint import from_safe, rng_state, set_rng_state, to_safe
 from fedkd.client import train_config_record
-from fedkd.clock import ClockGrid, make_clock
+from fedkd.clock import Clock, ClockGrid, make_clock
 from fedkd.comm import arrayrecord_to_state_dict, message_bytes, split_groups
 from fedkd.faults import SIMULATED
 from fedkd.train import evaluate
@@ -226,7 +227,9 @@ class RoundResult:
 
 def run_rounds(world: World, strategy: Any, grid: Grid,
                on_round: Callable[[RoundResult], None],
-               arrays: ArrayRecord | None = None, first_round: int = 1) -> RunEnd:
+               arrays: ArrayRecord | None = None, first_round: int = 1,
+               resume: dict[str, Any] | None = None,
+               on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> RunEnd:
     """Run the scenario's rounds of ``strategy`` over ``grid``.
 
     Parameters
@@ -244,6 +247,11 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
         strategies without a global model, which report accuracy from client evaluation).
     first_round : int
         Round to start from (for resumed runs).
+    resume : dict, optional
+        A checkpoint's ``grid``, ``clock`` and ``rng`` state (see :func:`run_state`), put
+        back before the first round.
+    on_checkpoint : Callable, optional
+        Called with :func:`run_state` every ``checkpoint_every`` rounds.
 
     Returns
     -------
@@ -259,6 +267,8 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
     if arrays is None:
         arrays = (strategy.initial_arrays(world) if hasattr(strategy, "initial_arrays")
                   else ArrayRecord())
+    if resume is not None:
+        restore_run_state(resume, acct, clock)
     train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout,
                                     scn.clients.crash)
     budgeted = isinstance(strategy, Budgeted)
@@ -292,4 +302,28 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
         on_round(RoundResult(round=rnd, arrays=arrays, train_metrics=dict(train_metrics or {}),
                              eval_metrics=metrics, traffic=acct.reset(),
                              seconds=time.perf_counter() - start))
+        if on_checkpoint is not None and scn.checkpoint_every and rnd % scn.checkpoint_every == 0:
+            on_checkpoint(run_state(rnd, arrays, acct, clock))
     return RunEnd(arrays, "completed")
+
+
+def run_state(rnd: int, arrays: ArrayRecord, acct: AccountingGrid,
+              clock: Clock | None) -> dict[str, Any]:
+    """What the runner itself must carry over a resume: the round, the global arrays, the
+    bytes spent (budgets), the virtual clock and the global RNG states."""
+    return {"round": rnd, "arrays": to_safe(arrays),
+            "grid": {"spent": acct.spent, "reply_sizes": to_safe(acct.reply_sizes)},
+            "clock": None if clock is None else to_safe(
+                {"elapsed": clock.elapsed, "round_s": clock.round_s,
+                 "stragglers": clock.stragglers, "offline": clock.offline}),
+            "rng": rng_state()}
+
+
+def restore_run_state(state: dict[str, Any], acct: AccountingGrid, clock: Clock | None) -> None:
+    """Put back what :func:`run_state` saved (the RNG states last)."""
+    acct.spent = int(state["grid"]["spent"])
+    acct.reply_sizes = from_safe(state["grid"]["reply_sizes"], None)
+    if clock is not None and state["clock"] is not None:
+        for key, value in from_safe(state["clock"], None).items():
+            setattr(clock, key, value)
+    set_rng_state(state["rng"])

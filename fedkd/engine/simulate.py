@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from flwr.serverapp import Grid
 
+from fedkd import checkpoint
+from fedkd.checkpoint import from_safe, load_strategy_state, strategy_state
 from fedkd.client import WorldSource
 from fedkd.compose import check_resources, client_app, prepare
 from fedkd.engine.recorder import RunRecorder
@@ -186,9 +188,25 @@ def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
 ENGINES = {"ray": run_on_ray, "flower": run_on_flower}
 
 
+def resume_state(run_dir: Path, strategy: Any) -> dict[str, Any]:
+    """Load ``run_dir``'s checkpoint and put the strategy's server state back.
+
+    Raises
+    ------
+    ScenarioError
+        When the folder has no checkpoint.
+    """
+    if not (run_dir / "checkpoint" / "state.pt").is_file():
+        raise ScenarioError("--resume", str(run_dir), "a run folder with a checkpoint "
+                            "(the run needs checkpoint_every > 0 and one finished checkpoint)")
+    state = checkpoint.load(run_dir)
+    load_strategy_state(strategy, state["strategy"])
+    return state
+
+
 def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = None,
              verbose: bool = False, progress: bool = True,
-             run_dir: str | None = None) -> dict[str, Any]:
+             run_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Run a scenario end to end and return its summary.
 
     Parameters
@@ -205,36 +223,45 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
         Show the progress bar.
     run_dir : str, optional
         Exact run folder (default: a new ``<out>/<scenario>/<timestamp>/``).
+    resume : bool
+        Continue the run in ``run_dir`` from its checkpoint (:mod:`fedkd.checkpoint`).
     """
     if scn.server.threads:
         torch.set_num_threads(scn.server.threads)
     world, strategy = prepare(scn)  # every pre-run check, before any folder exists
     install_world(world)
+    state = resume_state(Path(run_dir), strategy) if resume and run_dir else None
     target = Path(run_dir) if run_dir else None
     base = (target.parent if target else Path(out or scn.output.dir) / scn.name).absolute()
     made = [p for p in (base, *base.parents) if not p.exists()]  # removed if it never starts
+    done = int(state["round"]) if state else 0
     run_dir = target or new_run_dir(scn, out)  # type: ignore[assignment]
     run_dir.mkdir(parents=True, exist_ok=True)
     source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
     never_started = False
     try:
         with engine_logs(run_dir, verbose):
-            recorder = RunRecorder(world, run_dir, strategy,
-                                   metrics_port=metrics_port, progress=progress)
+            recorder = RunRecorder(world, run_dir, strategy, metrics_port=metrics_port,
+                                   progress=progress, resume_round=done)
+            arrays = None if state is None else from_safe(state["arrays"], None)
+
+            def save(run: dict[str, Any]) -> None:
+                checkpoint.save(run_dir, {**run, "strategy": strategy_state(strategy)})
             status = "failed"
             ends: list[str] = []
             try:
                 with ray_session(scn.engine, verbose):
                     ENGINES[scn.engine.name](
                         world, source, scn.engine,
-                        lambda grid: ends.append(
-                            run_rounds(world, strategy, grid, recorder).status), verbose)
+                        lambda grid: ends.append(run_rounds(
+                            world, strategy, grid, recorder, arrays, done + 1, state,
+                            save).status), verbose)
                 status = ends[-1] if ends else "failed"
             except KeyboardInterrupt:
                 status = "interrupted"
                 raise
             except ScenarioError:  # the engine refused the scenario before the first round
-                never_started = True
+                never_started = state is None
                 raise
             finally:
                 summary = recorder.close(status)
