@@ -74,5 +74,5 @@ evidence-comm: $(STAMP)
 		--set comm.budget.total_mb=20 --out runs/evidence/comm-budget
 	$(BIN)/fedkd report runs/evidence/comm-budget --baseline name=fedavg
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(COMM_SET) $(DEVICES) --seeds 0,1,2 \
-		--grid clients.deadline_s=5,20,1000 --parallel 2 --out runs/evidence/deadline
+		--grid clients.deadline_s=0.3,0.8,1000 --parallel 2 --out runs/evidence/deadline
 	$(BIN)/fedkd report runs/evidence/deadline --baseline deadline_s=1000

@@ -129,20 +129,26 @@ def accuracy_figure(metrics_rows: list[dict[str, Any]]) -> Figure:
     Returns
     -------
     Figure
-        Two panels: by round (left) and by cumulative MB (right).
+        Panels by round, by cumulative MB and, for runs with a virtual clock, by virtual time.
     """
-    fig = Figure(figsize=(11, 4))
+    timed = any(not _is_missing(r.get("virtual_time")) for r in metrics_rows)
+    fig = Figure(figsize=(16 if timed else 11, 4))
     FigureCanvasAgg(fig)
-    ax_r, ax_b = fig.subplots(1, 2)
+    axes = list(fig.subplots(1, 3 if timed else 2))
+    ax_r, ax_b = axes[:2]
     for col in _acc_columns(metrics_rows):
         rows = [r for r in metrics_rows if not _is_missing(r.get(col))]
         acc = [float(r[col]) for r in rows]
         ax_r.plot([r["round"] for r in rows], acc, marker=".", label=col)
         ax_b.plot([_cum_mb(r) for r in rows], acc, marker=".", label=col)
+        if timed:
+            axes[2].plot([r["virtual_time"] for r in rows], acc, marker=".", label=col)
     ax_r.set_xlabel("round")
     integer_ticks(ax_r.xaxis)
     ax_b.set_xlabel("cumulative traffic (MB)")
-    for ax in (ax_r, ax_b):
+    if timed:
+        axes[2].set_xlabel("virtual time (s)")
+    for ax in axes:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

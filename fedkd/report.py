@@ -89,6 +89,30 @@ def _mb(row: dict[str, Any]) -> float:
     return (row.get("bytes_down_cum", 0) + row.get("bytes_up_cum", 0)) / 1e6
 
 
+def _vt(row: dict[str, Any]) -> float:
+    v = row.get("virtual_time")
+    return math.nan if v is None else float(v)
+
+
+def equal_point(runs: list[Run], x_of: Any) -> float:
+    """The largest x every run reaches: the smallest final cumulative MB (or virtual time)."""
+    ends = [x_of(r.metrics[-1]) for r in runs if r.metrics]
+    return min(ends) if ends and not any(math.isnan(e) for e in ends) else math.nan
+
+
+def acc_at(metrics: list[dict[str, Any]], x_of: Any, x: float) -> float:
+    """The last test accuracy recorded at or before ``x`` (nan if none)."""
+    acc = math.nan
+    if math.isnan(x):
+        return acc
+    for row in metrics:
+        if x_of(row) > x + 1e-12:
+            break
+        a = _acc(row)
+        acc = a if a is not None else acc
+    return acc
+
+
 def first_reach(metrics: list[dict[str, Any]], target: float) -> tuple[float, float]:
     """Round and cumulative MB at which accuracy first reaches ``target`` (nan if never)."""
     for row in metrics:
@@ -120,6 +144,7 @@ def table(runs: list[Run], target: float | None = None,
     """
     configs = sorted({r.config for r in runs})
     finals = {c: _stats([_final_best(r)[0] for r in runs if r.config == c])[0] for c in configs}
+    equal_mb, equal_time = equal_point(runs, _mb), equal_point(runs, _vt)
     if target is None:
         if baseline is not None and baseline not in finals:
             raise ValueError(f"--baseline {baseline!r} is not one of {configs}")
@@ -140,6 +165,11 @@ def table(runs: list[Run], target: float | None = None,
             "reached": sum(not math.isnan(x) for x, _ in reach), "mb_to_target": mb,
             "mb_to_target_std": mb_sd,
             "mb_total": _stats([_mb(r.metrics[-1]) for r in group if r.metrics])[0]})
+        at_mb = _stats([acc_at(r.metrics, _mb, equal_mb) for r in group])
+        at_time = _stats([acc_at(r.metrics, _vt, equal_time) for r in group])
+        rows[-1].update({"equal_mb": equal_mb, "acc_at_equal_mb": at_mb[0],
+                         "acc_at_equal_mb_std": at_mb[1], "equal_virtual_s": equal_time,
+                         "acc_at_equal_time": at_time[0], "acc_at_equal_time_std": at_time[1]})
     return rows, target
 
 
@@ -151,16 +181,25 @@ def _pm(mean: float, sd: float, digits: int) -> str:
 
 def markdown(rows: list[dict[str, Any]], target: float) -> str:
     """The comparison table as Markdown."""
-    lines = [f"Target accuracy: {target:.4f}", "",
+    timed = bool(rows) and not math.isnan(rows[0].get("equal_virtual_s", math.nan))
+    equal = (f"Equal budget: {rows[0]['equal_mb']:.1f} MB (the least any run sent)"
+             if rows else "")
+    if timed:
+        equal += f"; equal virtual time: {rows[0]['equal_virtual_s']:.1f} s"
+    lines = [f"Target accuracy: {target:.4f}", "", equal, "",
              "| config | seeds | final acc | best acc | rounds to target | MB to target "
-             "| MB total |", "|---|---|---|---|---|---|---|"]
+             "| MB total | acc at equal MB |" + (" acc at equal virtual time |" if timed else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['seeds']} | {_pm(r['final_acc'], r['final_acc_std'], 4)} "
             f"| {_pm(r['best_acc'], r['best_acc_std'], 4)} "
             f"| {_pm(r['rounds_to_target'], r['rounds_to_target_std'], 1)}"
             f" ({r['reached']}/{r['seeds']}) "
-            f"| {_pm(r['mb_to_target'], r['mb_to_target_std'], 1)} | {r['mb_total']:.1f} |")
+            f"| {_pm(r['mb_to_target'], r['mb_to_target_std'], 1)} | {r['mb_total']:.1f} "
+            f"| {_pm(r['acc_at_equal_mb'], r['acc_at_equal_mb_std'], 4)} |"
+            + (f" {_pm(r['acc_at_equal_time'], r['acc_at_equal_time_std'], 4)} |"
+               if timed else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +220,7 @@ def curves_figure(runs: list[Run], x_name: str) -> Figure:
     runs : list[Run]
         Runs to plot, grouped by ``config``.
     x_name : str
-        ``"round"`` (integer ticks) or ``"mb"``.
+        ``"round"`` (integer ticks), ``"mb"`` or ``"virtual_time"``.
 
     Returns
     -------
@@ -191,12 +230,13 @@ def curves_figure(runs: list[Run], x_name: str) -> Figure:
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    x_of = (lambda row: row["round"]) if x_name == "round" else _mb
+    x_of = {"round": lambda row: row["round"], "mb": _mb, "virtual_time": _vt}[x_name]
     for c in sorted({r.config for r in runs}):
         x, mean, sd = _curve([r for r in runs if r.config == c], x_of)
         ax.plot(x, mean, label=c)
         ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
-    ax.set_xlabel("round" if x_name == "round" else "cumulative MB")
+    ax.set_xlabel({"round": "round", "mb": "cumulative MB",
+                   "virtual_time": "virtual time (s)"}[x_name])
     if x_name == "round":
         integer_ticks(ax.xaxis)
     ax.set_ylabel("test accuracy")
@@ -274,6 +314,8 @@ def report(paths: list[Path], out: Path | None = None, target: float | None = No
     pq.write_table(pa.Table.from_pylist(rows), out / "report.parquet")
     plot_curves(runs, out / "accuracy_vs_round.png", "round")
     plot_curves(runs, out / "accuracy_vs_mb.png", "mb")
+    if not math.isnan(equal_point(runs, _vt)):
+        plot_curves(runs, out / "accuracy_vs_virtual_time.png", "virtual_time")
     plot_teacher_weights(runs, out / "teacher_weights.png")
     (out / "report.json").write_text(json.dumps({"target": target, "runs": len(runs)}))
     return rows, out, text

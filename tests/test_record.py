@@ -265,3 +265,15 @@ def test_prom_exporter_serves_metrics() -> None:
     a.close()
     with pytest.raises(OSError):
         _scrape(a.port)
+
+
+def test_accuracy_figure_adds_virtual_time_for_clocked_runs() -> None:
+    from fedkd.record import accuracy_figure
+
+    rows = [{"round": r, "acc": 0.1 * r, "bytes_down_cum": r * 10**6, "bytes_up_cum": 0,
+             "virtual_time": 2.5 * r} for r in (1, 2, 3)]
+    fig = accuracy_figure(rows)
+    assert len(fig.axes) == 3 and fig.axes[2].get_xlabel() == "virtual time (s)"
+    assert list(fig.axes[2].lines[0].get_xdata()) == [2.5, 5.0, 7.5]
+    assert len(accuracy_figure([{k: v for k, v in r.items() if k != "virtual_time"}
+                                for r in rows]).axes) == 2

@@ -83,10 +83,31 @@ def test_table_mean_std_and_target(tmp_path: Path) -> None:
     assert a["rounds_to_target"] == pytest.approx(1.5)  # round 2 (seed 0), round 1 (seed 1)
     assert a["mb_to_target"] == pytest.approx(1.5)
     assert b["rounds_to_target"] == 3 and b["mb_to_target"] == pytest.approx(6.0)
+    # equal budget: the least any run sent is a's 3 MB; b had reached 0.1 (round 1, 2 MB)
+    assert a["equal_mb"] == b["equal_mb"] == pytest.approx(3.0)
+    assert a["acc_at_equal_mb"] == pytest.approx(0.7) and b["acc_at_equal_mb"] == 0.1
+    assert math.isnan(a["acc_at_equal_time"])  # no virtual clock in these runs
     rows, target = table(runs, baseline="a/feddf")
     assert target == pytest.approx(0.7)
     assert rows[0]["reached"] == 1 and math.isnan(rows[1]["rounds_to_target"])
     assert all(math.isnan(v) for v in first_reach(runs[0].metrics, 0.99))
+
+
+def test_accuracy_at_equal_virtual_time(tmp_path: Path) -> None:
+    for name, per_round, accs in (("fast", 10.0, [0.3, 0.5, 0.6]), ("slow", 25.0, [0.4, 0.7])):
+        d = tmp_path / name
+        _fake_run(d, name, 0, accs, 1.0)
+        rows = pq.read_table(d / "metrics.parquet").to_pylist()
+        for i, r in enumerate(rows):
+            r["virtual_time"] = per_round * (i + 1)
+        pq.write_table(pa.Table.from_pylist(rows), d / "metrics.parquet")
+    runs = find_runs([tmp_path])
+    fast, slow = table(runs)[0]
+    assert fast["equal_virtual_s"] == 30.0  # fast ends at 30 s, slow at 50 s
+    assert fast["acc_at_equal_time"] == 0.6 and slow["acc_at_equal_time"] == 0.4  # 25 s
+    out = tmp_path / "report"
+    _, _, text = report([tmp_path], out)
+    assert "equal virtual time: 30.0 s" in text and (out / "accuracy_vs_virtual_time.png").exists()
 
 
 def test_report_writes_table_and_plots(tmp_path: Path) -> None:
