@@ -57,7 +57,7 @@ evidence: $(STAMP)
 	$(call publish,weighting)
 
 # Accuracy per MB under codecs and a tight budget, and deadlines on heterogeneous devices
-# (non-IID Fashion-MNIST scaled to 2 cores; README "Results"). Not yet run.
+# (non-IID Fashion-MNIST scaled to 2 cores; README "Results"); about 15 minutes on 2 cores.
 COMM_SET := --set data.params.train_limit=10000 --set data.params.test_limit=2000 \
 	--set rounds=10 --set clients.models.0.arch=mlp
 COMM_GRID := --grid strategy.name=fedavg,feddf,fedmd,dml --seeds 0,1,2 --parallel 2
@@ -68,11 +68,16 @@ evidence-comm: $(STAMP)
 		d=$$c; [ $$c = topk ] && d=fp32; \
 		$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(COMM_SET) $(COMM_GRID) \
 			--set comm.down.codec=$$d --set comm.up.codec=$$c --out runs/evidence/comm-$$c && \
-		$(BIN)/fedkd report runs/evidence/comm-$$c --baseline name=fedavg || exit 1; \
+		$(BIN)/fedkd report runs/evidence/comm-$$c --baseline name=fedavg && \
+		mkdir -p docs/results/comm-$$c && \
+		cp runs/evidence/comm-$$c/report.md runs/evidence/comm-$$c/*.png docs/results/comm-$$c/ \
+		|| exit 1; \
 	done
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(COMM_SET) $(COMM_GRID) \
 		--set comm.budget.total_mb=20 --out runs/evidence/comm-budget
 	$(BIN)/fedkd report runs/evidence/comm-budget --baseline name=fedavg
+	$(call publish,comm-budget)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(COMM_SET) $(DEVICES) --seeds 0,1,2 \
 		--grid clients.deadline_s=0.3,0.8,1000 --parallel 2 --out runs/evidence/deadline
 	$(BIN)/fedkd report runs/evidence/deadline --baseline deadline_s=1000
+	$(call publish,deadline)
