@@ -14,8 +14,10 @@ do). Then:
 
 Evaluation messages that do not fit are skipped. The estimate is exact for strategies whose
 replies mirror their requests (FedAvg and the weight-sharing family) and for any strategy
-from its second round on when its replies keep their size; a reply larger than every earlier
-one of its kind is the one way to overshoot, and is recorded as ``budget_left_mb < 0``.
+from its second round on when its replies keep their size. Where a reply is larger than
+estimated, the message layer enforces the budget: a reply that would pass it is dropped as if
+its client had been told not to upload (an error reply ``BudgetExceeded``, not counted), so a
+run never sends more than its budget.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ class Budgeted(Strategy):
         room = self.left(grid)
         if self.round_cap is not None:
             room = min(room, self.round_cap - self.spent_round)
+        set_limit = getattr(grid, "set_limit", None)
+        if set_limit is not None:  # the message layer drops a reply that would pass it
+            set_limit(self.spent(grid) + room)
         if sum(prices) <= room:
             self.spent_round += sum(prices)
             return msgs

@@ -32,8 +32,9 @@ class ClientCrash(RuntimeError):
 
 
 #: How the replies of failures the scenario asked for begin (a round in which every client
-#: fails for one of these does not stop the run); stragglers come from :mod:`fedkd.clock`.
-SIMULATED = ("ClientDropout:", "ClientCrash:", "Straggler:")
+#: fails for one of these does not stop the run); stragglers come from :mod:`fedkd.clock`,
+#: replies past a budget from :class:`fedkd.engine.runner.AccountingGrid`.
+SIMULATED = ("ClientDropout:", "ClientCrash:", "Straggler:", "BudgetExceeded:")
 
 
 def draw(config: ConfigRecord, cid: int, purpose: int) -> float:

@@ -125,3 +125,24 @@ def test_cli_budget_stops_cleanly(tmp_path: Path) -> None:
     assert rows[-1]["budget_left_mb"] == pytest.approx(9 - total / 1e6)
     # fp16 down: each download is half the size of the fp32 upload
     assert rows[0]["bytes_down"] < 0.52 * rows[0]["bytes_up"]
+
+
+def test_replies_larger_than_estimated_are_dropped_not_sent() -> None:
+    """A strategy whose replies outgrow their requests (logits after a config-only request):
+    the message layer drops the replies that would pass the budget."""
+    from flwr.app import Array, Context, Message
+
+    def inflate(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
+        reply = call_next(msg, ctx)
+        reply.content["arrays"]["extra"] = Array(np.zeros(20_000, np.float32))  # 80 kB more
+        return reply
+
+    grid = AccountingGrid(PlainGrid(NODES, [inflate]))
+    total_mb = 0.3
+    budget = Budgeted(FedAvg(fraction_train=0.5, min_available_nodes=10), None, total_mb)
+    msgs = list(budget.configure_train(1, MODEL, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(msgs))
+    dropped = [r for r in replies if r.has_error()]
+    assert dropped and all(r.error.reason.startswith("BudgetExceeded: ") for r in dropped)
+    assert grid.spent <= total_mb * MB
+    assert len(dropped) < len(replies)  # the replies that fit were kept

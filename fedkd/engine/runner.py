@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -41,6 +41,9 @@ class Traffic:
     eval: dict[str, Any] = field(default_factory=dict)
 
 
+BUDGET_ERROR_CODE = 3  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
 class AccountingGrid(Grid):
     """Wraps a Grid: encodes messages for the wire, counts their bytes per node, orders replies.
 
@@ -59,6 +62,10 @@ class AccountingGrid(Grid):
         self.reply_sizes: dict[tuple[str, int], int] = {}  # largest reply per (type, node)
         self._refs: dict[int, Refs] = {}
         self._encoded: dict[int, RecordDict] = {}  # contents already encoded this round
+        self._sent: dict[int, Message] = {}  # the last message sent to each node
+        #: bytes the run may have sent at most (a budget sets it); a reply past it is dropped
+        #: as if its client had been told not to upload (``BudgetExceeded``), uncounted
+        self.limit: float | None = None
 
     def reset(self) -> dict[int, Traffic]:
         """Return this round's traffic and start a new round."""
@@ -95,8 +102,7 @@ class AccountingGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull, count and decode."""
-        replies = list(self.inner.pull_messages(message_ids))
-        self._count_up(replies)
+        replies = self._count_up(list(self.inner.pull_messages(message_ids)))
         return self._decode(replies)
 
     def send_and_receive(self, messages: Iterable[Message], *,
@@ -108,10 +114,13 @@ class AccountingGrid(Grid):
         msgs = self.encode(msgs)
         self._count_down(msgs)
         replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
-        self._count_up(replies)
-        replies = self._decode(replies)
         order = {m.metadata.dst_node_id: i for i, m in enumerate(msgs)}
-        return sorted(replies, key=lambda r: order.get(r.metadata.src_node_id, len(order)))
+        replies.sort(key=lambda r: order.get(r.metadata.src_node_id, len(order)))
+        return self._decode(self._count_up(replies))
+
+    def set_limit(self, limit: float | None) -> None:
+        """Bytes the run may have sent at most from now on (None: no limit)."""
+        self.limit = limit
 
     def encode(self, msgs: list[Message]) -> list[Message]:
         """Encode messages for the wire now (a budget prices them before they are sent)."""
@@ -139,26 +148,37 @@ class AccountingGrid(Grid):
 
     def _count_down(self, msgs: list[Message]) -> None:
         for m in msgs:
+            self._sent[m.metadata.dst_node_id] = m
             nbytes = message_bytes(m.content)
             self._node(m.metadata.dst_node_id).down += nbytes
             self.spent += nbytes
 
-    def _count_up(self, replies: list[Message]) -> None:
+    def _count_up(self, replies: list[Message]) -> list[Message]:
+        out = []
         for r in replies:
             t = self._node(r.metadata.src_node_id)
             if r.has_error():
                 t.failed = True
+                out.append(r)
                 continue
             nbytes = message_bytes(r.content)
-            t.up += nbytes
-            self.spent += nbytes
             key = (r.metadata.message_type, r.metadata.src_node_id)
             self.reply_sizes[key] = max(self.reply_sizes.get(key, 0), nbytes)
+            if self.limit is not None and self.spent + nbytes > self.limit:
+                t.failed = True
+                out.append(Message(Error(BUDGET_ERROR_CODE, f"BudgetExceeded: a {nbytes} B "
+                                         f"reply would pass the budget; not sent"),
+                                   reply_to=self._sent[r.metadata.src_node_id]))
+                continue
+            out.append(r)
+            t.up += nbytes
+            self.spent += nbytes
             kind = r.metadata.message_type.split(".")[0]
             target = {"train": t.metrics, "evaluate": t.eval}.get(kind)
             if target is not None:
                 for rec in r.content.metric_records.values():
                     target.update({k: v for k, v in rec.items() if isinstance(v, int | float)})
+        return out
 
 
 LOG = logging.getLogger("fedkd")
