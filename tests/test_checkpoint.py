@@ -98,7 +98,8 @@ def _checkpoint_round(run: Path) -> int:
     return int(torch.load(path, weights_only=True)["round"]) if path.exists() else 0
 
 
-STRATEGIES = ["fedgen", "fedmd",
+# FedGen (server generator and optimizer) in the default run; the others in the slow set
+STRATEGIES = ["fedgen", pytest.param("fedmd", marks=pytest.mark.slow),
               pytest.param("fedavg", marks=pytest.mark.slow),
               pytest.param("feddf", marks=pytest.mark.slow)]
 

@@ -179,7 +179,7 @@ SWEEP_SETS = ("rounds=1", "clients.num=4", "clients.train.epochs=1")
 def test_sweep_resume_and_report(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     args = ["sweep", "scenarios/quickstart.yaml", "--grid", "clients.train.lr=0.05,0.1",
-            "--seeds", "0,1", "--out", str(out), "--no-progress"]
+            "--seeds", "0,1", "--out", str(out), "--no-progress", "--parallel", "2"]
     for s in SWEEP_SETS:
         args += ["--set", s]
     proc = _cli(*args)
