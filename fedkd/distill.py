@@ -98,3 +98,22 @@ def weighted_probs(teacher_logits: torch.Tensor, weights: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
     """Ensemble probabilities ``sum_k w[n, k] * softmax(logits[k, n] / T)``."""
     return weighted_logits(F.softmax(teacher_logits / temperature, dim=2), weights)
+
+
+def not_true_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(N, C - 1)``: each row's logits without its true class's column, order kept."""
+    n, c = logits.shape
+    keep = torch.ones(n, c, dtype=torch.bool, device=logits.device)
+    keep[torch.arange(n, device=logits.device), targets] = False
+    return logits[keep].view(n, c - 1)
+
+
+def not_true_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """FedNTD's not-true distillation: ``KL(softmax(t̃/T) ‖ softmax(s̃/T))``, batch mean, where
+    ``s̃``, ``t̃`` drop each sample's true class; teacher detached, no ``T²`` factor (as the
+    reference's ``NTD_Loss``)."""
+    teacher = not_true_logits(teacher_logits.detach(), targets)
+    student = not_true_logits(student_logits, targets)
+    return F.kl_div(F.log_softmax(student / temperature, dim=1),
+                    F.softmax(teacher / temperature, dim=1), reduction="batchmean")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -198,14 +199,22 @@ class FedAvg(FlowerFedAvg):
         self.current = self.split_groups(arrays)
         return self.train_messages(server_round, nodes, config)
 
+    #: Flower message type of the train messages (selects the client-side handler).
+    train_type: str = MessageType.TRAIN
+
+    def client_config(self, server_round: int) -> dict[str, Any]:
+        """Extra config entries a subclass's client handler reads (none for FedAvg)."""
+        return {}
+
     def train_messages(self, server_round: int, nodes: Sequence[NodeInfo],
                        config: ConfigRecord) -> list[Message]:
         """One train message per node; nodes of one group share one RecordDict."""
-        config = ConfigRecord({**dict(config), "server-round": server_round})
+        config = ConfigRecord({**dict(config), "server-round": server_round,
+                               **self.client_config(server_round)})
         contents = {arch: RecordDict({"arrays": rec, "config": config})
                     for arch, rec in self.current.items()}
         return [Message(contents[n.arch], dst_node_id=n.node_id,
-                        message_type=MessageType.TRAIN, group_id=str(server_round))
+                        message_type=self.train_type, group_id=str(server_round))
                 for n in nodes]
 
     def split_replies(self, server_round: int,
