@@ -206,12 +206,17 @@ class FedAvg(FlowerFedAvg):
         """Extra config entries a subclass's client handler reads (none for FedAvg)."""
         return {}
 
+    def extra_records(self, server_round: int, arch: str) -> dict[str, ArrayRecord]:
+        """Extra named arrays a train message of group ``arch`` carries (none for FedAvg)."""
+        return {}
+
     def train_messages(self, server_round: int, nodes: Sequence[NodeInfo],
                        config: ConfigRecord) -> list[Message]:
         """One train message per node; nodes of one group share one RecordDict."""
         config = ConfigRecord({**dict(config), "server-round": server_round,
                                **self.client_config(server_round)})
-        contents = {arch: RecordDict({"arrays": rec, "config": config})
+        contents = {arch: RecordDict({"arrays": rec, **self.extra_records(server_round, arch),
+                                      "config": config})
                     for arch, rec in self.current.items()}
         return [Message(contents[n.arch], dst_node_id=n.node_id,
                         message_type=self.train_type, group_id=str(server_round))
