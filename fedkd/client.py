@@ -213,16 +213,23 @@ def ping(msg: Message, env: ClientEnv) -> RecordDict:
     return RecordDict()
 
 
-@client_fn("train")
-def train(msg: Message, env: ClientEnv) -> RecordDict:
-    """FedAvg local update: load the received weights, run local SGD, send weights back."""
-    model = env.model_from(msg.content.array_records["arrays"])
+def train_and_reply(model: torch.nn.Module, env: ClientEnv,
+                    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    ) -> RecordDict:
+    """Local SGD on this client's data (plus ``extra_loss``); the weights and metrics reply."""
     data = env.data
-    result = train_supervised(model, data.x, data.y, env.train_config, seed=env.seed())
+    result = train_supervised(model, data.x, data.y, env.train_config, seed=env.seed(),
+                              extra_loss=extra_loss)
     return RecordDict({
         "arrays": state_dict_to_arrayrecord(model.state_dict()),
         "metrics": MetricRecord({"num-examples": len(data), "train-loss": result.loss}),
     })
+
+
+@client_fn("train")
+def train(msg: Message, env: ClientEnv) -> RecordDict:
+    """FedAvg local update: load the received weights, run local SGD, send weights back."""
+    return train_and_reply(env.model_from(msg.content.array_records["arrays"]), env)
 
 
 @client_fn("evaluate.private")

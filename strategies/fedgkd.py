@@ -24,14 +24,13 @@ import copy
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedkd.client import ClientEnv, client_fn
-from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from fedkd.client import ClientEnv, client_fn, train_and_reply
+from fedkd.comm import arrayrecord_to_state_dict
 from fedkd.distill import kd_kl
 from fedkd.errors import ScenarioError
-from fedkd.train import train_supervised
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg, weighted_average
 
@@ -118,9 +117,4 @@ def train_gkd(msg: Any, env: ClientEnv) -> RecordDict:
                 teacher_logits = teacher(data.x[idx].to(dev))
             return gamma * kd_kl(logits, teacher_logits, t)
 
-    result = train_supervised(model, data.x, data.y, env.train_config, seed=env.seed(),
-                              extra_loss=extra)
-    return RecordDict({
-        "arrays": state_dict_to_arrayrecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": len(data), "train-loss": result.loss}),
-    })
+    return train_and_reply(model, env, extra)

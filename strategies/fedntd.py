@@ -26,13 +26,11 @@ import copy
 from typing import Any
 
 import torch
-from flwr.app import MessageType, MetricRecord, RecordDict
+from flwr.app import MessageType, RecordDict
 
-from fedkd.client import ClientEnv, client_fn
-from fedkd.comm import state_dict_to_arrayrecord
+from fedkd.client import ClientEnv, client_fn, train_and_reply
 from fedkd.distill import not_true_kl
 from fedkd.errors import ScenarioError
-from fedkd.train import train_supervised
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg
 
@@ -89,9 +87,4 @@ def train_ntd(msg: Any, env: ClientEnv) -> RecordDict:
                 global_logits = frozen(data.x[idx].to(dev))
             return beta * not_true_kl(logits, global_logits, data.y[idx].to(dev), tau)
 
-    result = train_supervised(model, data.x, data.y, env.train_config, seed=env.seed(),
-                              extra_loss=extra)
-    return RecordDict({
-        "arrays": state_dict_to_arrayrecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": len(data), "train-loss": result.loss}),
-    })
+    return train_and_reply(model, env, extra)
