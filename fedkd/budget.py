@@ -90,9 +90,11 @@ class Budgeted(Strategy):
             msgs[:] = encode(msgs)
         seen = getattr(grid, "reply_sizes", {})
         estimate = getattr(grid, "reply_estimate", lambda m: message_bytes(m.content))
-        return [message_bytes(m.content)
-                + seen.get((m.metadata.message_type, m.metadata.dst_node_id), estimate(m))
-                for m in msgs]
+        prices = []
+        for m in msgs:
+            up = seen.get((m.metadata.message_type, m.metadata.dst_node_id))
+            prices.append(message_bytes(m.content) + (estimate(m) if up is None else up))
+        return prices
 
     def fit(self, server_round: int, msgs: list[Message], grid: Grid,
             optional: bool) -> list[Message]:

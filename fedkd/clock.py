@@ -32,13 +32,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 from flwr.app import Error, Message
-from flwr.serverapp import Grid
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedkd.comm import GridWrapper
 from fedkd.errors import ScenarioError
+from fedkd.faults import ERROR_CODE_CLIENT
 from fedkd.models import assign_archs
+from fedkd.wire import server_round_of
 
-ERROR_CODE_CLIENT = 3
 STRAGGLER = "Straggler"
 
 
@@ -160,8 +161,10 @@ def make_clock(world: Any) -> Clock | None:
     return Clock([by_name[n] for n in names], flops, scn.clients.deadline_s, scn.seed, trace)
 
 
-class ClockGrid(Grid):
+class ClockGrid(GridWrapper):
     """A grid wrapper that times each exchange on the clients' devices.
+
+    Push/pull exchanges pass through untimed.
 
     Parameters
     ----------
@@ -174,40 +177,9 @@ class ClockGrid(Grid):
     """
 
     def __init__(self, inner: Any, clock: Clock, cid_of: Callable[[int], int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.clock = clock
         self.cid_of = cid_of
-
-    def __getattr__(self, name: str) -> Any:
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    def set_run(self, run: Any) -> None:
-        """Delegate to the inner grid."""
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Delegate to the inner grid."""
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Delegate to the inner grid."""
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate to the inner grid."""
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegate (push/pull exchanges are not timed)."""
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate (push/pull exchanges are not timed)."""
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -216,7 +188,7 @@ class ClockGrid(Grid):
         kinds = {m.metadata.message_type.split(".")[0] for m in msgs}
         if not msgs or kinds <= {"query"}:
             return self.inner.send_and_receive(msgs, timeout=timeout)
-        rnd = max(_round(m) for m in msgs)
+        rnd = max(server_round_of(m) for m in msgs)
         online = [m for m in msgs if self.clock.online(self.cid_of(m.metadata.dst_node_id), rnd)]
         self.clock.offline[rnd] = self.clock.offline.get(rnd, 0) + len(msgs) - len(online)
         before = {n: (t.down, t.up) for n, t in self.inner.traffic.items()}
@@ -245,11 +217,6 @@ class ClockGrid(Grid):
                                   f"{rnd}"), reply_to=_request(msgs, node))
             out.append(r)
         return out
-
-
-def _round(msg: Message) -> int:
-    group = msg.metadata.group_id
-    return int(group) if group.isdigit() else 0
 
 
 def _request(msgs: list[Message], node: int) -> Message:

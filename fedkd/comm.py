@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 DIRECTIONS = ("down", "up")
 
@@ -164,3 +167,51 @@ def split_groups(arrays: ArrayRecord) -> dict[str, ArrayRecord]:
 def join_groups(groups: dict[str, ArrayRecord]) -> ArrayRecord:
     """Inverse of :func:`split_groups`."""
     return ArrayRecord({f"{arch}.{k}": v for arch, rec in groups.items() for k, v in rec.items()})
+
+
+class GridWrapper(Grid):
+    """A Flower Grid around another: delegates every method; subclasses change some.
+
+    Attributes the wrapper lacks are read from the inner grid too, so a stack of wrappers
+    reads as the innermost grid (e.g. the byte counts of an accounting grid).
+    """
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def set_run(self, run: Run) -> None:
+        """Delegate to the inner grid."""
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegate to the inner grid."""
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        """Delegate to the inner grid."""
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegate to the inner grid."""
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegate to the inner grid."""
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate to the inner grid."""
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Delegate to the inner grid."""
+        return self.inner.send_and_receive(messages, timeout=timeout)

@@ -13,6 +13,7 @@ the algorithms; this module is what ``fedkd simulate`` and ``fedkd validate`` ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from fedkd.data.partition import PARTITIONERS
 from fedkd.errors import ScenarioError
 from fedkd.faults import fault_mod
 from fedkd.models import MODELS
-from fedkd.scenario import Scenario, check_kwargs, parse_scenario, read_scenario
+from fedkd.scenario import Resources, Scenario, check_kwargs, parse_scenario, read_scenario
 from fedkd.wire import make_wire, wire_mod
 from fedkd.world import World, build_world
 from strategies import STRATEGY_CONTEXT_ARGS, get_strategy
@@ -64,14 +65,13 @@ def validate(scn: Scenario) -> None:
     make_wire(scn.comm, scn.seed)
 
 
-def check_resources(asked: Mapping[str, float], available: Mapping[str, float],
-                    where: str) -> None:
+def check_resources(asked: Resources, available: Mapping[str, float], where: str) -> None:
     """Fail at once when one client actor asks for more than the machine or cluster has.
 
     Parameters
     ----------
-    asked : Mapping[str, float]
-        ``engine.client_resources`` of one actor, e.g. ``{"num_cpus": 1, "num_gpus": 0.5}``.
+    asked : Resources
+        ``engine.client_resources`` of one actor.
     available : Mapping[str, float]
         What there is, e.g. ``{"num_cpus": 2, "num_gpus": 0}``.
     where : str
@@ -82,7 +82,7 @@ def check_resources(asked: Mapping[str, float], available: Mapping[str, float],
     ScenarioError
         Naming ``engine.client_resources.<key>``, the value and what ``where`` has.
     """
-    for key, value in asked.items():
+    for key, value in dataclasses.asdict(asked).items():
         have = float(available.get(key, 0.0))
         if value > have:
             unit = {"num_cpus": "CPUs", "num_gpus": "GPUs"}.get(key, key)
@@ -139,9 +139,7 @@ def prepare(scn: Scenario) -> tuple[World, Any]:
     initial global model.
     """
     if scn.engine.ray_address is None:
-        res = scn.engine.client_resources
-        check_resources({"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
-                        local_resources(), "this machine")
+        check_resources(scn.engine.client_resources, local_resources(), "this machine")
     world = build_world(scn)
     strategy = build_strategy(scn, world)
     if hasattr(strategy, "initial_arrays"):

@@ -19,6 +19,11 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedkd.client import seed_for
 
+#: Flower's error code for a ClientApp that raised (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``):
+#: every failure fedkd reports as a reply (a raised handler, a lost worker, a straggler, a
+#: reply past the budget) carries it.
+ERROR_CODE_CLIENT = 3
+
 #: Purposes of the random draws (kept apart from each other and from training's).
 DROPOUT_DRAW, CRASH_DRAW = 2, 3
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
-from fedkd.codecs import Codec, Fp32
+from fedkd.codecs import Codec, Fp32, make_codec
 from fedkd.state import StateStore
 
 SEP = "::"
@@ -179,8 +179,6 @@ def _load_residuals(store: StateStore, cid: int) -> dict[str, np.ndarray]:
 
 def make_wire(comm: Any, seed: int) -> Wire:
     """The wire of a scenario's ``comm`` block (codecs validated with their key paths)."""
-    from fedkd.codecs import make_codec
-
     return Wire(down=make_codec(comm.down.codec, comm.down.params, "comm.down"),
                 up=make_codec(comm.up.codec, comm.up.params, "comm.up"), seed=seed)
 

@@ -26,6 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedkd.client import WorldSource
 from fedkd.compose import client_app
 from fedkd.errors import ScenarioError
+from fedkd.faults import ERROR_CODE_CLIENT
 from fedkd.world import World, install_world
 
 LOG = logging.getLogger("fedkd")
@@ -39,7 +40,6 @@ class WorkerDied(RuntimeError):
 NODE_BASE = 1 << 20
 RUN_ID = 1
 SERVER_NODE_ID = 1
-ERROR_CODE_CLIENT = 3  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def set_task_identity(node_id: int) -> None:

@@ -17,14 +17,13 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedkd.budget import Budgeted, BudgetExhausted
 from fedkd.checkpoint import from_safe, rng_state, set_rng_state, to_safe
 from fedkd.client import train_config_record
 from fedkd.clock import Clock, ClockGrid, make_clock
-from fedkd.comm import arrayrecord_to_state_dict, message_bytes, split_groups
-from fedkd.faults import SIMULATED
+from fedkd.comm import GridWrapper, arrayrecord_to_state_dict, message_bytes, split_groups
+from fedkd.faults import ERROR_CODE_CLIENT, SIMULATED
 from fedkd.train import evaluate
 from fedkd.wire import Refs, Wire, decode_replies, encode_cached, make_wire
 from fedkd.world import World
@@ -41,10 +40,7 @@ class Traffic:
     eval: dict[str, Any] = field(default_factory=dict)
 
 
-BUDGET_ERROR_CODE = 3  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-
-
-class AccountingGrid(Grid):
+class AccountingGrid(GridWrapper):
     """Wraps a Grid: encodes messages for the wire, counts their bytes per node, orders replies.
 
     With a :class:`~fedkd.wire.Wire`, outgoing messages are encoded with ``comm.down`` before
@@ -55,13 +51,14 @@ class AccountingGrid(Grid):
     """
 
     def __init__(self, inner: Grid, wire: Wire | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.wire = wire if wire is not None and wire.active else None
         self.traffic: dict[int, Traffic] = {}
         self.spent = 0  # bytes down and up since the start of the run
         self.reply_sizes: dict[tuple[str, int], int] = {}  # largest reply per (type, node)
         self._refs: dict[int, Refs] = {}
         self._encoded: dict[int, RecordDict] = {}  # contents already encoded this round
+        self._estimates: dict[int, int] = {}  # reply estimates of those contents
         self._sent: dict[int, Message] = {}  # the last message sent to each node
         #: bytes the run may have sent at most (a budget sets it); a reply past it is dropped
         #: as if its client had been told not to upload (``BudgetExceeded``), uncounted
@@ -70,29 +67,11 @@ class AccountingGrid(Grid):
     def reset(self) -> dict[int, Traffic]:
         """Return this round's traffic and start a new round."""
         out, self.traffic = self.traffic, {}
-        self._encoded = {}
+        self._encoded, self._estimates = {}, {}
         return out
 
     def _node(self, node_id: int) -> Traffic:
         return self.traffic.setdefault(node_id, Traffic())
-
-    def set_run(self, run: Run) -> None:
-        """Delegate to the inner grid."""
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegate to the inner grid."""
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        """Delegate to the inner grid."""
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate to the inner grid."""
-        return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Encode, count and push."""
@@ -133,13 +112,17 @@ class AccountingGrid(Grid):
         return msgs
 
     def reply_estimate(self, msg: Message) -> int:
-        """Bytes of a reply that mirrors ``msg``'s arrays, encoded with ``comm.up``."""
+        """Bytes of a reply that mirrors ``msg``'s arrays, encoded with ``comm.up`` (once per
+        content: the nodes of a group share one)."""
         if self.wire is None:
             return message_bytes(msg.content)
-        decoded = self.wire.decode(msg.content, self.wire.down)
-        node = msg.metadata.dst_node_id
-        return message_bytes(self.wire.encode(decoded, self.wire.up, 0, 0, node,
-                                              refs=self._refs.get(node)))
+        key = id(msg.content)
+        if key not in self._estimates:
+            decoded = self.wire.decode(msg.content, self.wire.down)
+            node = msg.metadata.dst_node_id
+            self._estimates[key] = message_bytes(self.wire.encode(
+                decoded, self.wire.up, 0, 0, node, refs=self._refs.get(node)))
+        return self._estimates[key]
 
     def _decode(self, replies: list[Message]) -> list[Message]:
         if self.wire is None:
@@ -166,7 +149,7 @@ class AccountingGrid(Grid):
             self.reply_sizes[key] = max(self.reply_sizes.get(key, 0), nbytes)
             if self.limit is not None and self.spent + nbytes > self.limit:
                 t.failed = True
-                out.append(Message(Error(BUDGET_ERROR_CODE, f"BudgetExceeded: a {nbytes} B "
+                out.append(Message(Error(ERROR_CODE_CLIENT, f"BudgetExceeded: a {nbytes} B "
                                          f"reply would pass the budget; not sent"),
                                    reply_to=self._sent[r.metadata.src_node_id]))
                 continue

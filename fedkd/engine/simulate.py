@@ -137,8 +137,7 @@ def ray_session(engine: EngineConfig, verbose: bool) -> Iterator[None]:
         interrupt_on_sigterm()  # ray.init installs its own handler, which aborts the driver
         try:
             have = ray.cluster_resources()
-            res = engine.client_resources
-            check_resources({"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+            check_resources(engine.client_resources,
                             {"num_cpus": have.get("CPU", 0.0), "num_gpus": have.get("GPU", 0.0)},
                             "the Ray cluster" if engine.ray_address else "this machine")
             yield
