@@ -21,18 +21,18 @@ FedGKD-VOTE (buffer weights from validation losses) is not implemented.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
 from fedkd.client import ClientEnv, client_fn, train_and_reply
 from fedkd.comm import arrayrecord_to_state_dict
 from fedkd.distill import kd_kl
 from fedkd.errors import ScenarioError
 from strategies import STRATEGIES
-from strategies.fedavg import FedAvg, weighted_average
+from strategies.fedavg import FedAvg, NodeInfo, weighted_average
 
 TRAIN_TYPE = f"{MessageType.TRAIN}.fedgkd"
 
@@ -73,12 +73,11 @@ class FedGKD(FedAvg):
         self.buffer_length = buffer_length
         self.buffer: list[dict[str, ArrayRecord]] = []  # the last global models, per group
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
-        """Put the round's global model in the buffer, then configure as FedAvg."""
-        self.discover(grid)  # knows whether the arrays are grouped before splitting them
-        self.buffer = [*self.buffer, self.split_groups(arrays)][-self.buffer_length:]
-        return list(super().configure_train(server_round, arrays, config, grid))
+    def train_messages(self, server_round: int, nodes: Sequence[NodeInfo],
+                       config: ConfigRecord) -> list[Message]:
+        """Put the round's global model (``self.current``) in the buffer, then as FedAvg."""
+        self.buffer = [*self.buffer, dict(self.current)][-self.buffer_length:]
+        return super().train_messages(server_round, nodes, config)
 
     def teacher(self, arch: str) -> ArrayRecord:
         """The parameter average of the buffered global models of group ``arch``."""
