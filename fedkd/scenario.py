@@ -481,7 +481,8 @@ def read_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     raw = load_raw(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    check_depth(raw, f"{path} (with --set)")
+    if overrides:  # load_raw checked the file itself
+        check_depth(raw, f"{path} (with --set)")
     return parse_scenario(raw)
 
 
@@ -496,6 +497,12 @@ def parse_scenario(raw: Mapping[str, Any]) -> Scenario:
     return scn
 
 
+def _check_shares(path: str, shares: list[float]) -> None:
+    """Fractions of the clients (models, devices) must sum to 1."""
+    if not shares or abs(sum(shares) - 1.0) > 1e-6:
+        raise ScenarioError(path, shares, "fractions that sum to 1")
+
+
 def check_rules(scn: Scenario) -> None:
     """Cross-field rules that need no registry."""
     if scn.data.val_fraction + scn.data.public.fraction >= 1:
@@ -504,15 +511,10 @@ def check_rules(scn: Scenario) -> None:
                             "(val_fraction + public.fraction must leave data for clients)")
     if not scn.clients.models:
         raise ScenarioError("clients.models", [], "at least one model spec")
-    total = sum(m.fraction for m in scn.clients.models)
-    if abs(total - 1.0) > 1e-6:
-        raise ScenarioError("clients.models", [m.fraction for m in scn.clients.models],
-                            "fractions that sum to 1")
+    _check_shares("clients.models", [m.fraction for m in scn.clients.models])
     devices = scn.clients.devices
     if devices is not None:
-        shares = [p.fraction for p in devices.profiles]
-        if not shares or abs(sum(shares) - 1.0) > 1e-6:
-            raise ScenarioError("clients.devices.profiles", shares, "fractions that sum to 1")
+        _check_shares("clients.devices.profiles", [p.fraction for p in devices.profiles])
         names = [p.name for p in devices.profiles]
         if len(set(names)) != len(names):
             raise ScenarioError("clients.devices.profiles", names, "distinct names")
