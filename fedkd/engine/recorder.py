@@ -72,7 +72,8 @@ class RunRecorder:
         self.prom = PromExporter(metrics_port) if metrics_port else None
         self.bar = tqdm(total=world.scenario.rounds, desc=world.scenario.name, unit="round",
                         initial=resume_round, disable=not progress, dynamic_ncols=True)
-        last = self.metrics.rows[-1] if self.metrics.rows else {}
+        rows = self.metrics.rows
+        last = rows[-1] if rows else {}
         self.cum = [int(last.get("bytes_down_cum", 0)), int(last.get("bytes_up_cum", 0))]
         self.start = time.perf_counter()
 
