@@ -249,8 +249,29 @@ class FedAvg(FlowerFedAvg):
         if not ok:
             return None, None
         groups = self.aggregate_groups(ok)
-        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        return self.join_groups(groups), metrics
+        metrics = MetricRecord(dict(
+            self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key) or {}))
+        return self.join_groups(self.fuse(server_round, ok, groups, metrics)), metrics
+
+    def fuse(self, server_round: int, replies: Sequence[Message],
+             groups: dict[str, ArrayRecord], metrics: MetricRecord) -> dict[str, ArrayRecord]:
+        """The one post-averaging step: what the server does with the averaged groups.
+
+        FedAvg keeps them. Server-side distillation (FedDF, FedFTG) and generator training
+        (FedGen) override only this; they may add the round's statistics to ``metrics``.
+
+        Parameters
+        ----------
+        server_round : int
+            The round.
+        replies : Sequence[Message]
+            The round's replies without errors, in reply order.
+        groups : dict[str, ArrayRecord]
+            Averaged model of every architecture group.
+        metrics : MetricRecord
+            The round's aggregated train metrics (mutable).
+        """
+        return groups
 
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

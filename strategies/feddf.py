@@ -371,20 +371,15 @@ class FedDF(FedAvg):
         self.server = ServerData.of_world(world)
 
     # -------------------------------------------------------------------------- aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg per group, then distil the ensemble of all client models into each group."""
-        ok = self.split_replies(server_round, replies)
-        if not ok:
-            return None, None
-        groups = self.aggregate_groups(ok)
-        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        targets = self.proxy_targets(server_round, ok)
+    def fuse(self, server_round: int, replies: Sequence[Message],
+             groups: dict[str, ArrayRecord], metrics: MetricRecord) -> dict[str, ArrayRecord]:
+        """Distil the ensemble of all client models into each group's FedAvg model."""
+        targets = self.proxy_targets(server_round, replies)
         fused, stats = self.distill_groups(server_round, groups, targets)
         for key, value in stats.items():
             metrics[key] = value
         self.distill_log[server_round] = stats
-        return self.join_groups(fused), metrics
+        return fused
 
     def teachers(self, replies: Sequence[Message]) -> TeacherEnsemble:
         """Every replying client's model as a teacher, in reply order."""

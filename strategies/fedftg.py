@@ -314,17 +314,13 @@ class FedFTG(FedAvg):
         return torch.optim.SGD(params, lr=self.ft_lr, momentum=0.9)
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg per group, then data-free fine-tuning; adds ``gen-loss`` and ``ft-loss``."""
-        ok = self.split_replies(server_round, replies)
-        if not ok:
-            return None, None
-        groups = self.aggregate_groups(ok)
-        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        groups, extra = self.finetune(server_round, ok, groups)
-        metrics = MetricRecord({**dict(metrics or {}), **extra})
-        return self.join_groups(groups), metrics
+    def fuse(self, server_round: int, replies: Sequence[Message],
+             groups: dict[str, ArrayRecord], metrics: MetricRecord) -> dict[str, ArrayRecord]:
+        """Data-free fine-tuning of the averaged groups; adds ``gen-loss`` and ``ft-loss``."""
+        groups, extra = self.finetune(server_round, replies, groups)
+        for key, value in extra.items():
+            metrics[key] = value
+        return groups
 
     def finetune(self, server_round: int, replies: Sequence[Message],
                  groups: dict[str, ArrayRecord]) -> tuple[dict[str, ArrayRecord], dict]:

@@ -58,7 +58,7 @@ Conventions (reference code, unless stated):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,19 +348,14 @@ class FedGen(FedAvg):
                         group_id=str(server_round)) for n in nodes]
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg per group, then train the generator on the received clients' heads."""
-        ok = self.split_replies(server_round, replies)
-        if not ok:
-            return None, None
-        groups = self.aggregate_groups(ok)
-        teachers = Heads.from_records([r.content.array_records["arrays"] for r in ok])
+    def fuse(self, server_round: int, replies: Sequence[Message],
+             groups: dict[str, ArrayRecord], metrics: MetricRecord) -> dict[str, ArrayRecord]:
+        """Train the generator on the received clients' heads; the groups stay FedAvg's."""
+        teachers = Heads.from_records([r.content.array_records["arrays"] for r in replies])
         students = [Heads.from_records([rec]) for rec in groups.values()]
-        infos = [self.node(r.metadata.src_node_id) for r in ok]
+        infos = [self.node(r.metadata.src_node_id) for r in replies]
         self.train_generator(server_round, teachers, students, infos)
-        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
-        return self.join_groups(groups), metrics
+        return groups
 
     def teacher_context(self, infos: Sequence[NodeInfo]) -> TeacherContext:
         """Sizes and label counts of the round's teachers from the handshake."""
