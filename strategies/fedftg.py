@@ -1,155 +1,105 @@
 """FedFTG / DENSE: data-free fine-tuning of the global model on the server.
 
 Zhang, Shen, Ding, Tao, Duan, "Fine-tuning Global Model via Data-Free Knowledge Distillation
-for Non-IID Federated Learning", CVPR 2022; and Zhang et al., "DENSE: Data-Free One-Shot
-Federated Learning", NeurIPS 2022 (reference code zj-jayzhang/DENSE).
+for Non-IID Federated Learning", CVPR 2022 (FedFTG); and Zhang, Chen, Li, Lyu, Wu, Ding, Shen,
+Wu, "DENSE: Data-Free One-Shot Federated Learning", NeurIPS 2022 (reference code
+zj-jayzhang/DENSE: ``loop_df_fl.py``, ``helpers/synthesizers.py``).
 
 Clients train and upload weights exactly as in FedAvg (the base ``"train"`` handler). After
-FedAvg per architecture group the server owns a conditional generator ``G(z, y)`` in *input*
-space that persists across rounds (with its Adam state), and for ``rounds_inner`` iterations:
+FedAvg per architecture group (the :meth:`fuse` hook) the server synthesises inputs from the
+ensemble of the received client models and distils that ensemble into every group's
+averaged model, ``rounds_inner`` times per round. Two synthesis loops (``mode``):
 
-1. trains ``G`` for ``gen_steps`` steps on fresh ``(z, y)``, ``y`` drawn from the union of the
-   round's clients' label distribution ``p(y) ∝ Σ_k n_k(y)``::
+``fedftg`` (default): FedFTG's persistent conditional generator ``G(z, y)`` (kept with its
+    Adam state across rounds). Each inner iteration trains ``G`` for ``gen_steps`` steps on
+    fresh ``(z, y)``, ``y`` drawn from the union of the round's clients' label distribution
+    ``p(y) ∝ Σ_k n_k(y)``, then fine-tunes each student for ``ft_steps`` steps on fresh
+    generated batches.
+``dense``: DENSE's ``AdvSynthesizer``. Each inner iteration re-initialises an unconditional
+    generator ``G(z)`` (:func:`fedkd.synthesis.reset_generator`), optimises it *and* the
+    latent ``z`` with Adam for ``gen_steps`` steps towards labels drawn uniformly (sorted, as
+    the reference), keeps the lowest-loss batch in an image pool (at most ``pool_size``
+    batches, oldest dropped; the reference keeps all) and distils the students for one pass
+    over the shuffled pool (``batch_size`` per step).
 
-       loss_G = CE(ens(x), y) − lambda_dis · mean_g kd_kl(student_g(x), ens(x))
-                + lambda_div · diversity_loss(z, x)
+The generator objective of both (:func:`fedkd.synthesis.synthesis_loss`)::
 
-   The negative disagreement term makes ``G`` produce hard samples on which the students
-   disagree with the ensemble (FedFTG's hard-sample mining, DENSE's ``loss_adv``);
-2. fine-tunes every group's student (the FedAvg model) for ``ft_steps`` steps on fresh
-   generated batches with ``kd_kl(student(x), ens(x), T)``.
+    loss_G = λ_ce · CE(ens(x), y) + λ_bn · L_bn(x) + λ_adv · L_adv(student(x), ens(x))
+             + λ_div · L_div(z, x)
+
+with ``L_bn`` DeepInversion's BatchNorm-statistics loss summed over every BatchNorm layer of
+every teacher (0 for teachers without BatchNorm: the prior needs BN models such as
+``cnn_medium`` or ``resnet8``), ``L_adv`` DENSE's masked adversarial term (``adv_mask``:
+``disagree`` keeps samples where student and ensemble disagree, DENSE's code; ``agree``
+keeps those where they agree, which bounds the term as a sample stops being pushed once it
+became hard; ``adv_clip`` caps each sample's KL) and ``L_div`` FedGen/FedFTG's diversity
+loss. The generator ends in a sigmoid mapped onto the data's per-channel value range, so its
+images are bounded like real ones.
 
 Conventions:
 
-- ``ens(x) = Σ_k w[n, k] · logits_k(x)`` (averaged logits as DENSE's ``Ensemble_A``), with
-  FedFTG's class-count weights ``w[y, k] = n_k(y) / n(y)`` (``label_weighting=True``) or any
-  registered weighting (``label_weighting=False``: ``make_weighting(weighting, ...)``).
-  Weights are computed on detached logits; they are not differentiated.
-- Teachers are the received client models in eval mode (BatchNorm running statistics are
-  fixed; their parameters are frozen, gradients flow through them into ``x`` only).
-- KL: :func:`fedkd.distill.kd_kl`, ``KL(ens ‖ student)``, ``batchmean``, times ``T²``
-  (DENSE's ``KLDiv``). The disagreement term uses ``T = 1`` as DENSE; the fine-tuning term
-  uses ``temperature`` (default 1, DENSE's ``--T 1``). ``kd_kl`` detaches the ensemble, so in
-  the generator's disagreement term the gradient reaches ``x`` through the student only
-  (DENSE also back-propagates through the teachers; CE still does). No disagreement mask.
-- CE of the generator is on the weighted ensemble logits (not a weighted sum of per-teacher
-  CEs).
-- Optimisers: generator Adam ``gen_lr = 1e-3``, betas (0.5, 0.999) as DENSE's synthesizer;
-  students Adam at ``ft_lr = 1e-3`` (default, better on quickstart: 20-round accuracy 0.90 vs
-  0.85 with SGD, and fewer dips); ``ft_optimizer="sgd"`` with ``ft_lr=0.01`` gives DENSE's
-  ``kd_train`` (SGD ``--lr 0.01``, momentum 0.9). Students are in
-  eval mode while the generator trains and in train mode while they are fine-tuned.
-- The generator's last layer is a BatchNorm over the image channels (no Tanh/Sigmoid): its
-  output starts at zero mean / unit variance per channel, the scale of fedkd's normalised
-  data, and the affine part can learn the data's offset and spread.
+- ``ens(x) = Σ_k w[n, k] · logits_k(x)`` (weighted logits), with FedFTG's class-count weights
+  ``w[y, k] = n_k(y) / n(y)`` looked up by the label ``x`` was generated for
+  (``label_weighting``, fedftg's default) or any registered weighting (dense's default:
+  ``uniform``, DENSE's ``Ensemble_A``). Weights are computed on detached logits.
+- Teachers are the received client models in eval mode (BatchNorm running statistics fixed,
+  parameters frozen; gradients flow through them into ``x``, ``z`` and ``G``).
+- Distillation: :func:`fedkd.distill.kd_kl`, ``KL(ens ‖ student)``, ``batchmean``, times
+  ``T²`` (DENSE's ``KLDiv``), students in train mode as DENSE's ``kd_train``
+  (``freeze_bn=True`` keeps the students' BatchNorm statistics instead).
+- Defaults per mode. ``fedftg``: Adam ``ft_lr = 1e-3`` (better on quickstart than SGD),
+  ``T = 1``, ``adv_mask = agree``, ``λ_div = 1``, labels from ``p(y)``. ``dense``: DENSE's
+  README setting — students SGD ``lr 0.01`` momentum 0.9 (``loop_df_fl.py``), ``T = 20``,
+  ``λ_ce = λ_bn = λ_adv = 1``, ``adv_mask = disagree``, ``λ_div = 0``, ``gen_steps = 30``.
+  Generator Adam ``gen_lr = 1e-3``, betas ``(0.5, 0.999)`` in both.
+
+Where fedkd differs from the references, and why:
+
+- no data augmentation of generated images (DENSE crops and flips them with kornia);
+- DENSE is one-shot (one round, a fresh student); in a multi-round federation the student is
+  the round's FedAvg model and the pool persists across rounds, bounded by ``pool_size``;
+- ``rollback=True`` (off by default, as in both papers) keeps FedAvg's model of a group when
+  fine-tuning lowers its accuracy on the server validation split, like FedDF's safeguard;
+- the generator's value range is the data's normalised ``[0, 1]`` pixel range.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
 from fedkd.client import seed_for
 from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
-from fedkd.distill import diversity_loss, kd_kl, weighted_logits
+from fedkd.distill import kd_kl, weighted_logits
 from fedkd.ensemble import Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
-from fedkd.train import fit
+from fedkd.synthesis import (
+    BatchNormPrior,
+    Generator,
+    SynthesisWeights,
+    reset_generator,
+    synthesis_loss,
+    value_range,
+)
+from fedkd.train import evaluate, fit
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg
 from strategies.weighting import TeacherContext, Weighting, class_weights, make_weighting
 
+MODES = ("fedftg", "dense")
 
-class Generator(nn.Module):
-    """Conditional DCGAN-like generator of images: ``(z, y) -> x`` of shape ``input_shape``.
-
-    ``[z, embed(y)] -> linear -> (2w, ⌈H/4⌉, ⌈W/4⌉) -> BN -> up×2 -> conv-BN-LReLU -> up×2 ->
-    conv-BN-LReLU -> conv -> crop to (H, W) -> BN(C)``.
-
-    Parameters
-    ----------
-    noise_dim : int
-        Width of ``z`` (and of the label embedding).
-    num_classes : int
-        Number of labels.
-    input_shape : tuple[int, ...]
-        ``(C, H, W)`` of the data.
-    width : int
-        Base number of channels (DENSE's ``ngf``).
-    """
-
-    def __init__(self, noise_dim: int, num_classes: int, input_shape: Sequence[int],
-                 width: int = 64) -> None:
-        super().__init__()
-        if len(input_shape) != 3:
-            raise ScenarioError("data.input_shape", tuple(input_shape), "an image shape (C, H, W)")
-        c, h, w = (int(s) for s in input_shape)
-        self.out_hw = (h, w)
-        self.init_hw = (math.ceil(h / 4), math.ceil(w / 4))
-        self.embed = nn.Embedding(num_classes, noise_dim)
-        self.fc = nn.Linear(2 * noise_dim, 2 * width * self.init_hw[0] * self.init_hw[1])
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(2 * width),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, c, 3, padding=1),
-        )
-        self.out_norm = nn.BatchNorm2d(c)
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Images ``(N, C, H, W)`` for noise ``z (N, noise_dim)`` and labels ``y (N,)``."""
-        h = self.fc(torch.cat([z, self.embed(y)], dim=1))
-        h = h.view(len(z), -1, *self.init_hw)
-        x = self.body(h)[:, :, : self.out_hw[0], : self.out_hw[1]]
-        return self.out_norm(x)
-
-
-@dataclass(frozen=True)
-class GeneratorLoss:
-    """The generator objective and its terms (for logging)."""
-
-    total: torch.Tensor
-    ce: float
-    dis: float
-    div: float
-
-
-def generator_loss(ens_logits: torch.Tensor, y: torch.Tensor,
-                   student_logits: Sequence[torch.Tensor], z: torch.Tensor, x: torch.Tensor,
-                   lambda_dis: float = 1.0, lambda_div: float = 1.0) -> GeneratorLoss:
-    """``CE(ens, y) − lambda_dis · mean_g kd_kl(student_g, ens) + lambda_div · div(z, x)``.
-
-    Parameters
-    ----------
-    ens_logits : torch.Tensor
-        ``(N, C)`` weighted ensemble logits on ``x`` (with gradient into ``x``).
-    y : torch.Tensor
-        ``(N,)`` the labels ``x`` was generated for.
-    student_logits : Sequence[torch.Tensor]
-        ``(N, C)`` logits of each group's student on ``x``.
-    z, x : torch.Tensor
-        Generator noise and output (for the diversity term).
-    lambda_dis, lambda_div : float
-        Weights of the disagreement and diversity terms.
-    """
-    ce = F.cross_entropy(ens_logits, y)
-    dis = torch.stack([kd_kl(s, ens_logits) for s in student_logits]).mean()
-    div = diversity_loss(z, x)
-    total = ce - lambda_dis * dis + lambda_div * div
-    return GeneratorLoss(total, float(ce.detach()), float(dis.detach()), float(div.detach()))
+#: Defaults that depend on ``mode`` (a parameter left at None takes its mode's value).
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fedftg": {"gen_steps": 5, "ft_lr": 1e-3, "ft_optimizer": "adam", "temperature": 1.0,
+               "lambda_div": 1.0, "adv_mask": "agree", "label_weighting": True},
+    "dense": {"gen_steps": 30, "ft_lr": 0.01, "ft_optimizer": "sgd", "temperature": 20.0,
+              "lambda_div": 0.0, "adv_mask": "disagree", "label_weighting": False},
+}
 
 
 def label_distribution(label_counts: torch.Tensor) -> torch.Tensor:
@@ -180,45 +130,60 @@ class _Round:
         self.teachers = teachers
         self.ctx = ctx
         self.students = students
+        self.prior = BatchNormPrior(teachers)
         self.p_y = label_distribution(ctx.label_counts)
         self.class_w = class_weights(ctx.label_counts)
         self.rng = torch.Generator().manual_seed(seed)
         self.weight_sum = torch.zeros(len(teachers), dtype=torch.float64)
         self.weight_n = 0
+        self.terms = {"gen-ce": 0.0, "gen-bn": 0.0, "gen-adv": 0.0}
+        self.term_n = 0
 
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh noise and labels."""
-        n = self.s.batch_size
-        z = torch.randn(n, self.s.noise_dim, generator=self.rng)
-        y = torch.multinomial(self.p_y, n, replacement=True, generator=self.rng)
-        return z, y
+    @property
+    def device(self) -> torch.device:
+        return self.s.device
+
+    def noise(self, n: int) -> torch.Tensor:
+        """``(n, noise_dim)`` standard normal noise from the round's generator."""
+        return torch.randn(n, self.s.noise_dim, generator=self.rng).to(self.device)
+
+    def labels(self, n: int) -> torch.Tensor:
+        """Labels from ``p(y)`` (fedftg) or uniform and sorted (dense, as the reference)."""
+        if self.s.mode == "dense":
+            y = torch.randint(len(self.p_y), (n,), generator=self.rng).sort().values
+        else:
+            y = torch.multinomial(self.p_y, n, replacement=True, generator=self.rng)
+        return y.to(self.device)
 
     def ensemble(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Weighted ensemble logits of the teachers on ``x`` (differentiable in ``x``)."""
+        """Weighted ensemble logits of the teachers on ``x`` generated for labels ``y``.
+
+        Differentiable in ``x``; class-count weights are looked up by the generated label.
+        """
         logits = torch.stack([t(x) for t in self.teachers])
         if self.s.label_weighting:
-            w = self.class_w[y]
+            w = self.class_w.to(self.device)[y]
         else:
-            w = self.s.weigh(logits.detach(), self.ctx, y)
+            w = self.s.weigh(logits.detach().cpu(), self.ctx, y.cpu()).to(self.device)
         w = w.to(logits.dtype)
-        self.weight_sum += w.detach().to(torch.float64).sum(dim=0)
-        self.weight_n += len(y)
+        self.weight_sum += w.detach().to(torch.float64).sum(dim=0).cpu()
+        self.weight_n += len(x)
         return weighted_logits(logits, w)
 
-    def generator_step(self, _idx: torch.Tensor) -> torch.Tensor:
-        """One generator objective on a fresh batch."""
-        z, y = self.sample()
-        x = self.s.generator(z, y)
-        ens = self.ensemble(x, y)
-        out = generator_loss(ens, y, [m(x) for m in self.students.values()], z, x,
-                             self.s.lambda_dis, self.s.lambda_div)
+    def generator_loss(self, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The synthesis objective on generated ``x`` (teachers hooked for the BN prior)."""
+        with self.prior:
+            ens = self.ensemble(x, y)
+        out = synthesis_loss(ens, y, [m(x) for m in self.students.values()],
+                             self.prior.loss.to(self.device), z, x, self.s.synthesis)
+        for key, value in (("gen-ce", out.ce), ("gen-bn", out.bn), ("gen-adv", out.adv)):
+            self.terms[key] += value
+        self.term_n += 1
         return out.total
 
-    def finetune_step(self, _idx: torch.Tensor) -> torch.Tensor:
-        """Sum over groups of ``kd_kl(student(x), ens(x), T)`` on one fresh generated batch."""
-        z, y = self.sample()
+    def distill(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum over groups of ``kd_kl(student(x), ens(x), T)``."""
         with torch.no_grad():
-            x = self.s.generator(z, y)
             ens = self.ensemble(x, y)
         return torch.stack([kd_kl(m(x), ens, self.s.temperature)
                             for m in self.students.values()]).sum()
@@ -226,83 +191,145 @@ class _Round:
 
 @STRATEGIES.register("fedftg")
 class FedFTG(FedAvg):
-    """FedAvg followed by data-free server fine-tuning on generated hard samples.
+    """FedAvg followed by data-free server fine-tuning on synthesised hard samples.
 
     Parameters
     ----------
     fraction_train, min_train_nodes, min_available_nodes, seed, fraction_evaluate
         As :class:`strategies.fedavg.FedAvg`.
+    mode : str
+        ``"fedftg"`` (persistent conditional generator) or ``"dense"`` (DENSE's synthesizer).
     noise_dim : int
         Width of the generator noise (and label embedding).
     gen_width : int
         Base channel count of the generator (DENSE uses 64 on 32x32; 32 keeps the server
         step cheap on CPU).
     rounds_inner : int
-        Outer iterations of (generator training, student fine-tuning) per round.
-    gen_steps : int
-        Generator steps per inner iteration.
+        Iterations of (synthesis, distillation) per round.
+    gen_steps : int, optional
+        Generator steps per inner iteration (fedftg 5, dense 30).
     ft_steps : int
-        Fine-tuning steps of every student per inner iteration.
+        Fine-tuning steps of every student per inner iteration (fedftg; dense distils one
+        pass over its pool).
     batch_size : int
-        Generated samples per step.
+        Generated samples per step (the synthesis batch; dense's distillation batch too).
     gen_lr : float
         Generator Adam learning rate.
-    ft_lr : float
-        Student learning rate.
-    ft_optimizer : str
-        ``"adam"`` or ``"sgd"`` (momentum 0.9, DENSE with ``ft_lr=0.01``).
-    lambda_dis : float
-        Weight of the (subtracted) student/ensemble disagreement in the generator loss.
-    lambda_div : float
-        Weight of the diversity loss.
-    temperature : float
-        Distillation temperature of the fine-tuning KL.
-    label_weighting : bool
-        Class-count teacher weights ``n_k(y)/n(y)`` (FedFTG); else ``weighting``.
+    ft_lr : float, optional
+        Student learning rate (fedftg 1e-3 with Adam, dense 0.01 with SGD).
+    ft_optimizer : str, optional
+        ``"adam"`` or ``"sgd"`` (momentum 0.9).
+    lambda_ce, lambda_bn, lambda_adv, lambda_div : float
+        Weights of the generator's CE, BatchNorm-statistics, adversarial and diversity terms
+        (``lambda_div`` fedftg 1, dense 0).
+    adv_mask : str, optional
+        ``"disagree"`` (dense), ``"agree"`` (fedftg) or ``"none"``.
+    adv_clip : float, optional
+        Cap of each sample's adversarial KL (off by default).
+    temperature : float, optional
+        Distillation temperature (fedftg 1, dense 20 as DENSE's README).
+    pool_size : int
+        Dense: batches kept in the image pool.
+    freeze_bn : bool
+        Keep the students' BatchNorm running statistics while they are distilled.
+    rollback : bool
+        Keep FedAvg's model of a group when fine-tuning lowers its validation accuracy
+        (needs ``data.val_fraction > 0``).
+    label_weighting : bool, optional
+        Class-count teacher weights ``n_k(y)/n(y)`` (fedftg's default); else ``weighting``
+        (dense's default: uniform, DENSE's ``Ensemble_A``).
     weighting : str
         Registered weighting used when ``label_weighting`` is false.
     weighting_params : dict, optional
         Its parameters.
+    device : str
+        Where the server synthesises and distils: ``"cpu"`` or ``"cuda"``.
     """
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0, fraction_evaluate: float = 0.0,
-                 noise_dim: int = 64, gen_width: int = 32, rounds_inner: int = 5,
-                 gen_steps: int = 5, ft_steps: int = 10, batch_size: int = 64,
-                 gen_lr: float = 1e-3, ft_lr: float = 1e-3, ft_optimizer: str = "adam",
-                 lambda_dis: float = 1.0, lambda_div: float = 1.0, temperature: float = 1.0,
-                 label_weighting: bool = True, weighting: str = "uniform",
-                 weighting_params: dict | None = None) -> None:
+                 mode: str = "fedftg", noise_dim: int = 64, gen_width: int = 32,
+                 rounds_inner: int = 5, gen_steps: int | None = None, ft_steps: int = 10,
+                 batch_size: int = 64, gen_lr: float = 1e-3, ft_lr: float | None = None,
+                 ft_optimizer: str | None = None, lambda_ce: float = 1.0,
+                 lambda_bn: float = 1.0, lambda_adv: float = 1.0,
+                 lambda_div: float | None = None, adv_mask: str | None = None,
+                 adv_clip: float | None = None, temperature: float | None = None,
+                 pool_size: int = 20, freeze_bn: bool = False, rollback: bool = False,
+                 label_weighting: bool | None = None, weighting: str = "uniform",
+                 weighting_params: dict | None = None, device: str = "cpu") -> None:
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes, seed=seed,
                          fraction_evaluate=fraction_evaluate)
-        if ft_optimizer not in ("sgd", "adam"):
-            raise ScenarioError("strategy.params.ft_optimizer", ft_optimizer, "sgd or adam")
+        if mode not in MODES:
+            raise ScenarioError("strategy.params.mode", mode, f"one of {list(MODES)}")
+        d = MODE_DEFAULTS[mode]
+        pick = lambda name, value: d[name] if value is None else value  # noqa: E731
+        self.mode = mode
+        self.gen_steps, self.ft_lr = pick("gen_steps", gen_steps), pick("ft_lr", ft_lr)
+        self.ft_optimizer = pick("ft_optimizer", ft_optimizer)
+        self.temperature = pick("temperature", temperature)
+        if self.ft_optimizer not in ("sgd", "adam"):
+            raise ScenarioError("strategy.params.ft_optimizer", self.ft_optimizer,
+                                "sgd or adam")
+        for name, value in (("noise_dim", noise_dim), ("gen_width", gen_width),
+                            ("batch_size", batch_size), ("pool_size", pool_size),
+                            ("gen_lr", gen_lr), ("ft_lr", self.ft_lr),
+                            ("temperature", self.temperature)):
+            if value <= 0:
+                raise ScenarioError(f"strategy.params.{name}", value, "a number > 0")
+        for name, value in (("rounds_inner", rounds_inner), ("gen_steps", self.gen_steps),
+                            ("ft_steps", ft_steps)):
+            if value < 0:
+                raise ScenarioError(f"strategy.params.{name}", value, "an integer >= 0")
+        if device not in ("cpu", "cuda"):
+            raise ScenarioError("strategy.params.device", device, "cpu or cuda")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ScenarioError("strategy.params.device", device,
+                                "cpu on a machine without CUDA")
+        self.synthesis = SynthesisWeights(
+            ce=lambda_ce, bn=lambda_bn, adv=lambda_adv, div=pick("lambda_div", lambda_div),
+            adv_mask=pick("adv_mask", adv_mask), adv_clip=adv_clip)
         self.noise_dim, self.gen_width = noise_dim, gen_width
-        self.rounds_inner, self.gen_steps, self.ft_steps = rounds_inner, gen_steps, ft_steps
-        self.batch_size = batch_size
-        self.gen_lr, self.ft_lr, self.ft_optimizer = gen_lr, ft_lr, ft_optimizer
-        self.lambda_dis, self.lambda_div = lambda_dis, lambda_div
-        self.temperature = temperature
-        self.label_weighting = label_weighting
+        self.rounds_inner, self.ft_steps = rounds_inner, ft_steps
+        self.batch_size, self.gen_lr, self.pool_size = batch_size, gen_lr, pool_size
+        self.freeze_bn, self.rollback = freeze_bn, rollback
+        self.label_weighting = pick("label_weighting", label_weighting)
         self.weighting, self.weighting_params = weighting, weighting_params
         self.weigh: Weighting = make_weighting(weighting, weighting_params)
+        self.device = torch.device(device)
         self.teacher_weights: dict[int, list[dict[str, float]]] = {}
+        self.pool: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._generator: Generator | None = None
         self._gen_opt: torch.optim.Optimizer | None = None
 
+    def bind(self, world: Any) -> None:
+        """Check what the mode needs of the world, then bind it."""
+        if self.rollback and (world.data.val is None or len(world.data.val) == 0):
+            raise ScenarioError("data.val_fraction", world.scenario.data.val_fraction,
+                                "a fraction > 0: rollback compares on the server validation "
+                                "split (or set strategy.params.rollback: false)")
+        super().bind(world)
+
     # ------------------------------------------------------------------ generator
+    def new_generator(self, conditional: bool) -> Generator:
+        """A generator for the world's images, seeded from ``seed``, on the server device."""
+        if self.world is None:
+            raise RuntimeError("FedFTG needs bind(world) before training")
+        data = self.world.data
+        low, high = value_range(data.test.x)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_for(self.seed, 0, 0, 11))
+            gen = Generator(self.noise_dim, data.input_shape, low, high,
+                            num_classes=data.num_classes if conditional else 0,
+                            width=self.gen_width)
+        return gen.to(self.device)
+
     @property
     def generator(self) -> Generator:
-        """The persistent generator (built on first use, seeded from ``seed``)."""
+        """The generator (built on first use): persistent in fedftg, re-initialised in dense."""
         if self._generator is None:
-            if self.world is None:
-                raise RuntimeError("FedFTG needs bind(world) before training")
-            data = self.world.data
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_for(self.seed, 0, 0, 11))
-                self._generator = Generator(self.noise_dim, data.num_classes, data.input_shape,
-                                            self.gen_width)
+            self._generator = self.new_generator(conditional=self.mode == "fedftg")
             self._gen_opt = torch.optim.Adam(self._generator.parameters(), lr=self.gen_lr,
                                              betas=(0.5, 0.999))
         return self._generator
@@ -316,7 +343,7 @@ class FedFTG(FedAvg):
     # ------------------------------------------------------------------ aggregation
     def fuse(self, server_round: int, replies: Sequence[Message],
              groups: dict[str, ArrayRecord], metrics: MetricRecord) -> dict[str, ArrayRecord]:
-        """Data-free fine-tuning of the averaged groups; adds ``gen-loss`` and ``ft-loss``."""
+        """Data-free fine-tuning of the averaged groups; adds the round's losses to metrics."""
         groups, extra = self.finetune(server_round, replies, groups)
         for key, value in extra.items():
             metrics[key] = value
@@ -324,29 +351,115 @@ class FedFTG(FedAvg):
 
     def finetune(self, server_round: int, replies: Sequence[Message],
                  groups: dict[str, ArrayRecord]) -> tuple[dict[str, ArrayRecord], dict]:
-        """Train the generator and fine-tune every replying group's student (in place)."""
+        """Synthesise and fine-tune every replying group's student (rolled back if asked)."""
         rnd = self._setup_round(server_round, replies, groups)
-        generator, gen_opt = self.generator, self._gen_opt
         students = nn.ModuleDict(rnd.students)
         ft_opt = self.student_optimizer(students.parameters())
-        steps = torch.arange(self.batch_size)
         gen_loss = ft_loss = 0.0
-        for _ in range(self.rounds_inner):
-            students.eval()
-            with frozen(students.values()):
-                gen_loss += fit(generator, gen_opt, iter([steps] * self.gen_steps),
-                                rnd.generator_step).loss
-            ft_loss += fit(students, ft_opt, iter([steps] * self.ft_steps),
-                           rnd.finetune_step).loss / len(students)
+        for it in range(self.rounds_inner):
+            if self.mode == "dense":
+                g, f = self._dense_iteration(rnd, students, ft_opt, server_round, it)
+            else:
+                g, f = self._fedftg_iteration(rnd, students, ft_opt)
+            gen_loss, ft_loss = gen_loss + g, ft_loss + f
         mean_w = (rnd.weight_sum / max(rnd.weight_n, 1)).tolist()
         self.teacher_weights[server_round] = [
             {"client": self.node(r.metadata.src_node_id).cid, "weight": w}
             for r, w in zip(replies, mean_w, strict=True)]
-        out = dict(groups)
+        out, kept = dict(groups), 0
         for arch, model in rnd.students.items():
-            out[arch] = state_dict_to_arrayrecord(model.state_dict())
+            if self.rollback and not self._improves(model, groups[arch], arch):
+                kept += 1
+                continue
+            out[arch] = state_dict_to_arrayrecord(
+                {k: v.cpu() for k, v in model.state_dict().items()})
         n = max(self.rounds_inner, 1)
-        return out, {"gen-loss": gen_loss / n, "ft-loss": ft_loss / n}
+        stats = {"gen-loss": gen_loss / n, "ft-loss": ft_loss / n,
+                 **{k: v / max(rnd.term_n, 1) for k, v in rnd.terms.items()}}
+        if self.rollback:
+            stats["rolled-back"] = float(kept)
+        return out, stats
+
+    def _train_students(self, students: nn.ModuleDict, opt: torch.optim.Optimizer,
+                        batches: Iterator[torch.Tensor], step: Any) -> float:
+        """Fit the students; with ``freeze_bn`` their BatchNorm layers stay in eval mode."""
+        if not self.freeze_bn:
+            return fit(students, opt, batches, step).loss
+
+        def frozen_step(idx: torch.Tensor) -> torch.Tensor:
+            for m in students.modules():
+                if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                    m.eval()
+            return step(idx)
+
+        return fit(students, opt, batches, frozen_step).loss
+
+    def _fedftg_iteration(self, rnd: _Round, students: nn.ModuleDict,
+                          ft_opt: torch.optim.Optimizer) -> tuple[float, float]:
+        """Train the persistent generator, then fine-tune on fresh generated batches."""
+        generator, gen_opt = self.generator, self._gen_opt
+        steps = torch.arange(self.batch_size)
+
+        def generator_step(_idx: torch.Tensor) -> torch.Tensor:
+            z, y = rnd.noise(self.batch_size), rnd.labels(self.batch_size)
+            return rnd.generator_loss(z, y, generator(z, y))
+
+        def finetune_step(_idx: torch.Tensor) -> torch.Tensor:
+            z, y = rnd.noise(self.batch_size), rnd.labels(self.batch_size)
+            with torch.no_grad():
+                x = generator(z, y)
+            return rnd.distill(x, y)
+
+        students.eval()
+        with frozen(students.values()):
+            gen = fit(generator, gen_opt, iter([steps] * self.gen_steps), generator_step).loss
+        ft = self._train_students(students, ft_opt, iter([steps] * self.ft_steps),
+                                  finetune_step)
+        return gen, ft / len(students)
+
+    def _dense_iteration(self, rnd: _Round, students: nn.ModuleDict,
+                         ft_opt: torch.optim.Optimizer, server_round: int,
+                         it: int) -> tuple[float, float]:
+        """DENSE: synthesise one batch with a fresh generator and latent, pool it, distil."""
+        generator = self.generator
+        reset_generator(generator, seed_for(self.seed, server_round, it, 14))
+        z = rnd.noise(self.batch_size).requires_grad_(True)
+        y = rnd.labels(self.batch_size)
+        opt = torch.optim.Adam([*generator.parameters(), z], lr=self.gen_lr, betas=(0.5, 0.999))
+        best: tuple[float, torch.Tensor | None] = (float("inf"), None)
+        gen_loss = 0.0
+        students.eval()
+        generator.train()
+        with frozen(students.values()):
+            for _ in range(self.gen_steps):
+                opt.zero_grad(set_to_none=True)
+                x = generator(z)
+                loss = rnd.generator_loss(z, y, x)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"synthesis diverged: loss {float(loss)}")
+                if best[1] is None or float(loss) < best[0]:
+                    best = (float(loss.detach()), x.detach())
+                loss.backward()
+                opt.step()
+                gen_loss += float(loss.detach())
+        if best[1] is not None:
+            self.pool = [*self.pool, (best[1].cpu(), y.cpu())][-self.pool_size:]
+        if not self.pool:
+            return 0.0, 0.0
+        images = torch.cat([x for x, _ in self.pool]).to(self.device)
+        labels = torch.cat([t for _, t in self.pool]).to(self.device)
+        order = torch.randperm(len(images), generator=rnd.rng).to(self.device)
+        ft = self._train_students(students, ft_opt, iter(order.split(self.batch_size)),
+                                  lambda idx: rnd.distill(images[idx], labels[idx]))
+        return gen_loss / max(self.gen_steps, 1), ft / len(students)
+
+    def _improves(self, model: nn.Module, averaged: ArrayRecord, arch: str) -> bool:
+        """Whether ``model`` is at least as accurate as FedAvg's on the validation split."""
+        assert self.world is not None
+        val = self.world.data.val
+        base = self.world.model_space().build(arch, arrayrecord_to_state_dict(averaged))
+        x, y = val.x.to(self.device), val.y.to(self.device)
+        return evaluate(model, x, y)[1] >= evaluate(base.to(self.device), x, y)[1]
 
     def _setup_round(self, server_round: int, replies: Sequence[Message],
                      groups: dict[str, ArrayRecord]) -> _Round:
@@ -359,10 +472,11 @@ class FedFTG(FedAvg):
             Teacher(i.cid, i.arch, arrayrecord_to_state_dict(r.content.array_records["arrays"]))
             for i, r in zip(infos, replies, strict=True)]).modules()
         for t in teachers:
-            t.eval().requires_grad_(False)
+            t.eval().requires_grad_(False).to(self.device)
         ctx = TeacherContext(
             num_examples=torch.tensor([float(i.num_examples) for i in infos]),
             label_counts=torch.tensor([list(i.label_counts) for i in infos], dtype=torch.float64))
         archs = dict.fromkeys(i.arch for i in infos)
-        students = {a: space.build(a, arrayrecord_to_state_dict(groups[a])) for a in archs}
+        students = {a: space.build(a, arrayrecord_to_state_dict(groups[a])).to(self.device)
+                    for a in archs}
         return _Round(self, teachers, ctx, students, seed_for(self.seed, server_round, 0, 13))

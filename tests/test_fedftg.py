@@ -15,88 +15,16 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
 from fedkd.compose import load_scenario
-from fedkd.distill import kd_kl
+from fedkd.errors import ScenarioError
 from fedkd.world import World, cached_world
 from strategies import get_strategy
 from strategies.fedavg import NodeInfo
-from strategies.fedftg import FedFTG, Generator, generator_loss, label_distribution
+from strategies.fedftg import MODE_DEFAULTS, FedFTG, label_distribution
 from strategies.weighting import class_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 SMALL = {"rounds_inner": 1, "gen_steps": 2, "ft_steps": 2, "batch_size": 16, "gen_width": 8}
-
-
-# ----------------------------------------------------------------------------- generator
-
-
-@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32), (1, 7, 9)])
-def test_generator_output_shape(shape: tuple[int, int, int]) -> None:
-    gen = Generator(noise_dim=64, num_classes=10, input_shape=shape, width=8)
-    x = gen(torch.randn(5, 64), torch.arange(5)).detach()
-    assert x.shape == (5, *shape)
-    # the output BatchNorm puts a fresh generator's images on the normalised data scale
-    assert abs(float(x.mean())) < 1e-4
-    assert float(x.std()) == pytest.approx(1.0, rel=0.05)
-
-
-def test_generator_depends_on_label() -> None:
-    gen = Generator(8, 3, (1, 8, 8), width=4)
-    z = torch.randn(1, 8).repeat(4, 1)
-    x = gen(z, torch.tensor([0, 1, 0, 2]))
-    torch.testing.assert_close(x[0], x[2])
-    assert not torch.allclose(x[0], x[1])
-
-
-# ----------------------------------------------------------------------------- generator loss
-
-
-def test_generator_loss_exact_terms() -> None:
-    ens = torch.zeros(2, 2)  # p = (1/2, 1/2)
-    y = torch.tensor([0, 1])
-    ln3 = math.log(3.0)
-    student = torch.tensor([[ln3, 0.0], [0.0, ln3]])  # q = (3/4, 1/4) and (1/4, 3/4)
-    z = torch.tensor([[0.0], [1.0]])  # squared distance 1 between the two noises
-    x = torch.tensor([[0.0, 0.0], [2.0, 2.0]])  # L1 mean distance 2 between the outputs
-    out = generator_loss(ens, y, [student], z, x, lambda_dis=2.0, lambda_div=3.0)
-    ce = math.log(2.0)
-    kl = 0.5 * math.log(4.0 / 3.0)  # KL(p || q) = 1/2 ln(2/3) + 1/2 ln 2
-    div = math.exp(-1.0)  # mean over the 4 ordered pairs of 1 * 2 (twice) = 1
-    assert out.ce == pytest.approx(ce)
-    assert out.dis == pytest.approx(kl)
-    assert out.div == pytest.approx(div)
-    assert float(out.total) == pytest.approx(ce - 2.0 * kl + 3.0 * div)
-
-
-def test_generator_loss_averages_students_and_rewards_disagreement() -> None:
-    ens = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
-    y = torch.tensor([0, 2])
-    agree = ens.clone()
-    other = torch.tensor([[-1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
-    z, x = torch.randn(2, 4), torch.randn(2, 1, 2, 2)
-    same = generator_loss(ens, y, [agree], z, x)
-    assert same.dis == pytest.approx(0.0, abs=1e-7)
-    both = generator_loss(ens, y, [agree, other], z, x)
-    assert both.dis == pytest.approx(float(kd_kl(other, ens)) / 2)
-    # the disagreement is subtracted: hard samples (student != ensemble) lower the loss
-    assert float(both.total) < float(same.total)
-    # a gradient step of the generator side increases the student/ensemble disagreement
-    s = other.clone().requires_grad_(True)
-    generator_loss(ens, y, [s], z, x).total.backward()
-    before = float(kd_kl(other, ens))
-    after = float(kd_kl(other - 0.1 * s.grad, ens))
-    assert after > before
-
-
-def test_generator_loss_ce_is_on_ensemble() -> None:
-    ens = torch.tensor([[1.0, 2.0], [3.0, 0.0]], requires_grad=True)
-    y = torch.tensor([1, 0])
-    out = generator_loss(ens, y, [ens.detach()], torch.zeros(2, 1), torch.zeros(2, 1),
-                         lambda_dis=1.0, lambda_div=0.0)
-    out.total.backward()
-    expected = torch.nn.functional.cross_entropy(ens.detach(), y)
-    assert float(out.total) == pytest.approx(float(expected))
-    assert ens.grad is not None and float(ens.grad.abs().sum()) > 0
 
 
 # ----------------------------------------------------------------------------- class weights
@@ -151,6 +79,28 @@ def test_registered() -> None:
     assert get_strategy("fedftg") is FedFTG
 
 
+def test_mode_defaults_and_explicit_params_win() -> None:
+    dense = FedFTG(mode="dense")
+    assert (dense.gen_steps, dense.ft_lr, dense.ft_optimizer, dense.temperature) == (
+        30, 0.01, "sgd", 20.0)
+    assert (dense.synthesis.adv_mask, dense.synthesis.div, dense.label_weighting) == (
+        "disagree", 0.0, False)
+    ftg = FedFTG()
+    assert ftg.mode == "fedftg" and ftg.synthesis.adv_mask == "agree" and ftg.label_weighting
+    assert FedFTG(mode="dense", temperature=4.0, adv_mask="none").temperature == 4.0
+    assert set(MODE_DEFAULTS["dense"]) == set(MODE_DEFAULTS["fedftg"])
+
+
+@pytest.mark.parametrize(("params", "key"), [
+    ({"mode": "gan"}, "strategy.params.mode"), ({"adv_mask": "x"}, "strategy.params.adv_mask"),
+    ({"lambda_bn": -1.0}, "strategy.params.lambda_bn"), ({"ft_optimizer": "rmsprop"},
+                                                         "strategy.params.ft_optimizer"),
+    ({"pool_size": 0}, "strategy.params.pool_size"), ({"device": "tpu"}, "strategy.params.device")])
+def test_bad_params_name_the_key(params: dict, key: str) -> None:
+    with pytest.raises(ScenarioError, match=key):
+        FedFTG(**params)
+
+
 def test_aggregate_train_finetunes_and_records(world: World) -> None:
     strategy, replies = _setup(world, **SMALL)
     fedavg = strategy.aggregate_groups(replies)
@@ -197,6 +147,65 @@ def test_teachers_are_frozen_in_eval_mode(world: World) -> None:
     rnd = strategy._setup_round(1, replies, strategy.aggregate_groups(replies))
     assert all(not t.training for t in rnd.teachers)
     assert all(not p.requires_grad for t in rnd.teachers for p in t.parameters())
+
+
+@pytest.fixture(scope="module")
+def bn_world() -> World:
+    return cached_world(load_scenario(QUICKSTART, ["clients.models.0.arch=cnn_medium"]))
+
+
+def test_bn_prior_is_active_with_batchnorm_teachers(world: World, bn_world: World) -> None:
+    plain, plain_replies = _setup(world, **SMALL)
+    _, m_plain = plain.aggregate_train(1, plain_replies)
+    assert m_plain is not None and float(m_plain["gen-bn"]) == 0.0  # cnn_small has no BN
+    strategy, replies = _setup(bn_world, **SMALL)
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and float(metrics["gen-bn"]) > 0.0
+    assert {"gen-ce", "gen-adv"} <= set(metrics)
+
+
+def test_dense_mode_resets_generator_and_bounds_its_pool(bn_world: World) -> None:
+    params = {**SMALL, "mode": "dense", "rounds_inner": 2, "pool_size": 3}
+    a, replies = _setup(bn_world, **params)
+    ra, ma = a.aggregate_train(1, replies)
+    assert len(a.pool) == 2 and all(x.shape == (16, 1, 8, 8) for x, _ in a.pool)
+    # generated images stay inside the data's value range
+    test_x = bn_world.data.test.x
+    assert all(float(x.min()) >= float(test_x.min()) - 1e-5
+               and float(x.max()) <= float(test_x.max()) + 1e-5 for x, _ in a.pool)
+    # labels are uniform and sorted within a batch, as DENSE draws them
+    assert all(torch.equal(y, y.sort().values) for _, y in a.pool)
+    a.aggregate_train(2, replies)
+    assert len(a.pool) == 3  # oldest batch dropped
+    # the generator is re-initialised every synthesis: round 1 again gives the same result
+    b, _ = _setup(bn_world, **params)
+    rb, mb = b.aggregate_train(1, replies)
+    assert dict(ma) == dict(mb)
+    for key in ra:
+        np.testing.assert_array_equal(ra[key].numpy(), rb[key].numpy())
+    assert [r["weight"] for r in a.teacher_weights[1]] == pytest.approx([0.25] * 4)
+
+
+def test_rollback_keeps_fedavg_when_finetuning_hurts(world: World) -> None:
+    # a huge SGD step destroys the student: the validation check keeps FedAvg's model
+    params = {**SMALL, "ft_optimizer": "sgd", "ft_lr": 1e4, "rollback": True}
+    strategy, replies = _setup(world, **params)
+    fedavg = strategy.aggregate_groups(replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None and float(metrics["rolled-back"]) == 1.0
+    kept = split_groups(arrays)[world.archs[0]]
+    for key in kept:
+        np.testing.assert_array_equal(kept[key].numpy(), fedavg[world.archs[0]][key].numpy())
+    # without rollback the fine-tuned model replaces FedAvg's
+    plain, replies = _setup(world, **{**params, "rollback": False})
+    arrays, metrics = plain.aggregate_train(1, replies)
+    assert arrays is not None and "rolled-back" not in metrics
+
+
+def test_rollback_needs_a_validation_split() -> None:
+    no_val = cached_world(load_scenario(QUICKSTART, ["data.val_fraction=0"]))
+    with pytest.raises(ScenarioError, match="data.val_fraction"):
+        FedFTG(rollback=True).bind(no_val)
 
 
 # ----------------------------------------------------------------------------- CLI
