@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a stopped run from its last checkpoint")
     sim.add_argument("--out", help="folder for runs (default: the scenario's output.dir)")
-    sim.add_argument("--engine", choices=["ray", "flower"], help="runtime (default: ray)")
+    sim.add_argument("--engine", choices=["ray", "flower", "inline"], help="runtime (default: ray)")
     sim.add_argument("--ray-address", help="attach to a Ray cluster: auto or ray://host:port")
     sim.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1")
     sim.add_argument("--verbose", action="store_true", help="show Ray and Flower logs")

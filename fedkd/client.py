@@ -118,6 +118,11 @@ class ClientEnv:
         return self.world.client_data(self.cid)
 
     @property
+    def local_test(self) -> TensorSplit:
+        """This client's local test split (empty unless ``data.local_test_fraction > 0``)."""
+        return self.world.local_test_data(self.cid)
+
+    @property
     def device(self) -> torch.device:
         """Where this client trains: a GPU when the scenario gives clients GPUs and one exists."""
         gpus = self.world.scenario.engine.client_resources.num_gpus
@@ -232,20 +237,35 @@ def train(msg: Message, env: ClientEnv) -> RecordDict:
     return train_and_reply(env.model_from(msg.content.array_records["arrays"]), env)
 
 
+def local_test_metrics(model: torch.nn.Module, env: ClientEnv) -> dict[str, float | int]:
+    """``local-acc``, ``local-loss`` and ``local-num-examples`` of ``model`` on this client's
+    local test split; empty when it has none."""
+    local = env.local_test
+    if len(local) == 0:
+        return {}
+    loss, acc = evaluate(model, local.x, local.y)
+    return {"local-acc": acc, "local-loss": loss, "local-num-examples": len(local)}
+
+
 @client_fn("evaluate.private")
 def evaluate_private(msg: Message, env: ClientEnv) -> RecordDict:
-    """Evaluate this client's persistent model (``state-key``) on the global test set."""
+    """Evaluate this client's persistent model (``state-key``) on the global test set
+    (``eval-acc``, ``eval-loss``) and, when it holds one, on its local test split
+    (``local-acc``, ``local-loss``, ``local-num-examples``)."""
     model, _ = env.private_model(str(env.config.get("state-key", "model")))
     test = env.world.data.test
     loss, acc = evaluate(model, test.x, test.y)
     return RecordDict({"metrics": MetricRecord({"num-examples": len(test), "eval-loss": loss,
-                                                "eval-acc": acc})})
+                                                "eval-acc": acc,
+                                                **local_test_metrics(model, env)})})
 
 
 @client_fn("evaluate")
 def evaluate_local(msg: Message, env: ClientEnv) -> RecordDict:
-    """Evaluate the received weights on this client's data."""
+    """Evaluate the received weights on this client's local test split, or on its training
+    data when it has none (``data.local_test_fraction`` 0)."""
     model = env.model_from(msg.content.array_records["arrays"])
-    loss, acc = evaluate(model, env.data.x, env.data.y)
-    return RecordDict({"metrics": MetricRecord({"num-examples": len(env.data),
+    data = env.local_test if len(env.local_test) else env.data
+    loss, acc = evaluate(model, data.x, data.y)
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(data),
                                                 "eval-loss": loss, "eval-acc": acc})})

@@ -117,3 +117,22 @@ def not_true_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     student = not_true_logits(student_logits, targets)
     return F.kl_div(F.log_softmax(student / temperature, dim=1),
                     F.softmax(teacher / temperature, dim=1), reduction="batchmean")
+
+
+def era(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """DS-FL's entropy reduction aggregation: ``softmax(probs / T)`` over the classes.
+
+    Itahara et al. (IEEE TMC 2021) sharpen the clients' *averaged probabilities* (not logits)
+    with a softmax at a low temperature ``T`` (0.1 in the paper), so the global soft labels
+    are less ambiguous than their plain mean. Probabilities lie in [0, 1], so how much a row
+    sharpens depends on how peaked it already is: near the uniform distribution over ``C``
+    classes only ``T < 1/C`` sharpens; ``T = 1`` does not give back the mean (it flattens it).
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        ``(..., C)`` probability rows, e.g. the (weighted) mean of the clients' softmax outputs.
+    temperature : float
+        ``T > 0``.
+    """
+    return F.softmax(probs / temperature, dim=-1)

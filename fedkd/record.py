@@ -89,9 +89,18 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+#: Personalised accuracy columns drawn beside the test accuracy (``local-acc-std`` is a spread,
+#: not an accuracy, and is left out of the plot); ``-private`` ones are a strategy's private
+#: models where it also has a global model (FML).
+LOCAL_ACC_COLUMNS = ("local-acc", "local-acc-worst10", "local-acc-private",
+                     "local-acc-private-worst10")
+
+
 def _acc_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Columns whose name starts with ``acc``, in first-seen order."""
-    return [c for c in dict.fromkeys(k for r in rows for k in r) if c.startswith("acc")]
+    """Columns whose name starts with ``acc`` and the personalised accuracy columns
+    (:data:`LOCAL_ACC_COLUMNS`), in first-seen order."""
+    return [c for c in dict.fromkeys(k for r in rows for k in r)
+            if c.startswith("acc") or c in LOCAL_ACC_COLUMNS]
 
 
 def _cum_mb(row: dict[str, Any]) -> float:

@@ -2,7 +2,10 @@
 
 Runs are grouped into configurations (a sweep's grid point, or scenario + strategy +
 weighting for loose runs); each configuration's seeds give mean ± std of final and best
-accuracy, and the rounds and MB needed to first reach a target accuracy.
+accuracy, and the rounds and MB needed to first reach a target accuracy. Runs with local test
+splits (``data.local_test_fraction > 0``) add the final personalised accuracy: the mean over
+clients of their local test accuracy (``local-acc``) and of the worst 10 % of clients
+(``local-acc-worst10``).
 """
 
 from __future__ import annotations
@@ -80,9 +83,15 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return sorted(found.values(), key=lambda r: (r.config, r.seed))
 
 
-def _acc(row: dict[str, Any]) -> float | None:
-    v = row.get("acc")
+def _acc(row: dict[str, Any], key: str = "acc") -> float | None:
+    v = row.get(key)
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def final_value(metrics: list[dict[str, Any]], key: str) -> float:
+    """The last recorded (non-missing) value of ``key`` (nan if none)."""
+    values = [a for a in (_acc(r, key) for r in metrics) if a is not None]
+    return values[-1] if values else math.nan
 
 
 def _mb(row: dict[str, Any]) -> float:
@@ -170,6 +179,10 @@ def table(runs: list[Run], target: float | None = None,
         rows[-1].update({"equal_mb": equal_mb, "acc_at_equal_mb": at_mb[0],
                          "acc_at_equal_mb_std": at_mb[1], "equal_virtual_s": equal_time,
                          "acc_at_equal_time": at_time[0], "acc_at_equal_time_std": at_time[1]})
+        for key, col in (("local-acc", "final_local_acc"),
+                         ("local-acc-worst10", "final_local_acc_worst10")):
+            mean, sd = _stats([final_value(r.metrics, key) for r in group])
+            rows[-1].update({col: mean, f"{col}_std": sd})
     return rows, target
 
 
@@ -182,14 +195,17 @@ def _pm(mean: float, sd: float, digits: int) -> str:
 def markdown(rows: list[dict[str, Any]], target: float) -> str:
     """The comparison table as Markdown."""
     timed = bool(rows) and not math.isnan(rows[0].get("equal_virtual_s", math.nan))
+    local = any(not math.isnan(r.get("final_local_acc", math.nan)) for r in rows)
     equal = (f"Equal budget: {rows[0]['equal_mb']:.1f} MB (the least any run sent)"
              if rows else "")
     if timed:
         equal += f"; equal virtual time: {rows[0]['equal_virtual_s']:.1f} s"
     lines = [f"Target accuracy: {target:.4f}", "", equal, "",
              "| config | seeds | final acc | best acc | rounds to target | MB to target "
-             "| MB total | acc at equal MB |" + (" acc at equal virtual time |" if timed else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
+             "| MB total | acc at equal MB |" + (" acc at equal virtual time |" if timed else "")
+             + (" final local acc | final local acc worst 10 % |" if local else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")
+             + ("---|---|" if local else "")]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['seeds']} | {_pm(r['final_acc'], r['final_acc_std'], 4)} "
@@ -199,7 +215,10 @@ def markdown(rows: list[dict[str, Any]], target: float) -> str:
             f"| {_pm(r['mb_to_target'], r['mb_to_target_std'], 1)} | {r['mb_total']:.1f} "
             f"| {_pm(r['acc_at_equal_mb'], r['acc_at_equal_mb_std'], 4)} |"
             + (f" {_pm(r['acc_at_equal_time'], r['acc_at_equal_time_std'], 4)} |"
-               if timed else ""))
+               if timed else "")
+            + (f" {_pm(r['final_local_acc'], r['final_local_acc_std'], 4)} "
+               f"| {_pm(r['final_local_acc_worst10'], r['final_local_acc_worst10_std'], 4)} |"
+               if local else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -51,12 +51,23 @@ class PublicConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, where it lives and how the train set is split."""
+    """Which dataset, where it lives and how the train set is split.
+
+    ``val_fraction`` is the server's labeled validation split (FedDF early-stops on it);
+    ``weight_fraction`` a second labeled server split, disjoint from it, on which label-using
+    teacher weightings (``validation``, ``learned``) fit (0: they fit on the validation
+    split); ``local_test_fraction`` the share of every client's data held out as its local
+    test split (drawn from the client's own distribution, never trained on; 0: none).
+    """
 
     name: str = "digits"
     root: str | None = None
     download: bool = False
     val_fraction: float = field(default=0.0, metadata=_check(_unit_interval, "a number in [0, 1)"))
+    weight_fraction: float = field(default=0.0,
+                                   metadata=_check(_unit_interval, "a number in [0, 1)"))
+    local_test_fraction: float = field(default=0.0,
+                                       metadata=_check(_unit_interval, "a number in [0, 1)"))
     public: PublicConfig = PublicConfig()
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -149,7 +160,7 @@ class EngineConfig:
     started before the run stops with an error naming ``engine.client_resources``.
     """
 
-    name: Literal["ray", "flower"] = "ray"
+    name: Literal["ray", "flower", "inline"] = "ray"
     actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     client_resources: Resources = Resources()
     ray_address: str | None = None
@@ -505,10 +516,16 @@ def _check_shares(path: str, shares: list[float]) -> None:
 
 def check_rules(scn: Scenario) -> None:
     """Cross-field rules that need no registry."""
-    if scn.data.val_fraction + scn.data.public.fraction >= 1:
-        raise ScenarioError("data.public.fraction", scn.data.public.fraction,
-                            f"a number below {1 - scn.data.val_fraction:g} "
+    d = scn.data
+    if d.val_fraction + d.public.fraction >= 1:
+        raise ScenarioError("data.public.fraction", d.public.fraction,
+                            f"a number below {1 - d.val_fraction:g} "
                             "(val_fraction + public.fraction must leave data for clients)")
+    if d.val_fraction + d.public.fraction + d.weight_fraction >= 1:
+        raise ScenarioError("data.weight_fraction", d.weight_fraction,
+                            f"a number below {1 - d.val_fraction - d.public.fraction:g} "
+                            "(val_fraction + public.fraction + weight_fraction must leave data "
+                            "for clients)")
     if not scn.clients.models:
         raise ScenarioError("clients.models", [], "at least one model spec")
     _check_shares("clients.models", [m.fraction for m in scn.clients.models])

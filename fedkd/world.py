@@ -2,11 +2,17 @@
 
 Built once per process from the resolved scenario; every random choice takes the scenario's
 seed, so the driver, Ray actors and Flower's own simulation workers build identical worlds.
+
+With ``data.local_test_fraction > 0`` each client's partition is split into its training part
+(:attr:`World.parts`: what it trains on, what its size and label counts report) and a local
+test split from its own distribution (:attr:`World.local_tests`), on which personalised
+accuracy is measured (:func:`local_summary`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -17,7 +23,7 @@ import torch
 from fedkd.data.base import TensorSplit
 from fedkd.data.bundle import DataBundle, build_bundle
 from fedkd.data.datasets import DATASETS
-from fedkd.data.partition import PARTITIONERS, class_counts
+from fedkd.data.partition import PARTITIONERS, class_counts, split_local_test
 from fedkd.ensemble import ModelSpace
 from fedkd.models import assign_archs, build_model
 from fedkd.scenario import Scenario, dump
@@ -34,15 +40,19 @@ class World:
     data : DataBundle
         Client pool, test, validation and public splits.
     parts : tuple[np.ndarray, ...]
-        Indices into ``data.pool`` per client.
+        Indices into ``data.pool`` of each client's training data.
     archs : tuple[str, ...]
         Model architecture per client.
+    local_tests : tuple[np.ndarray, ...]
+        Indices into ``data.pool`` of each client's local test split (never trained on);
+        empty when ``data.local_test_fraction`` is 0.
     """
 
     scenario: Scenario
     data: DataBundle
     parts: tuple[np.ndarray, ...]
     archs: tuple[str, ...]
+    local_tests: tuple[np.ndarray, ...] = ()
 
     @property
     def num_clients(self) -> int:
@@ -51,7 +61,7 @@ class World:
 
     @cached_property
     def counts(self) -> np.ndarray:
-        """Clients x classes label counts."""
+        """Clients x classes label counts of the training parts."""
         return class_counts(self.data.pool.y.numpy(), list(self.parts), self.data.num_classes)
 
     @cached_property
@@ -64,6 +74,19 @@ class World:
         cache = self.__dict__.setdefault("_client_data", {})
         if cid not in cache:
             cache[cid] = self.data.pool.subset(self.parts[cid])
+        return cache[cid]
+
+    @cached_property
+    def has_local_tests(self) -> bool:
+        """Whether clients hold local test splits (``data.local_test_fraction > 0``)."""
+        return any(len(t) for t in self.local_tests)
+
+    def local_test_data(self, cid: int) -> TensorSplit:
+        """The local test split of client ``cid`` (empty without local tests)."""
+        cache = self.__dict__.setdefault("_local_test_data", {})
+        if cid not in cache:
+            idx = self.local_tests[cid] if self.local_tests else np.zeros(0, dtype=np.int64)
+            cache[cid] = self.data.pool.subset(idx)
         return cache[cid]
 
     def model_params(self, arch: str) -> dict[str, Any]:
@@ -99,18 +122,60 @@ def load_bundle(scn: Scenario) -> DataBundle:
             d.root, d.download, scn.seed)
     return build_bundle(dataset, seed=scn.seed, val_fraction=d.val_fraction,
                         public_fraction=d.public.fraction, public_labeled=d.public.labeled,
-                        public_dataset=public_ds, public_size=d.public.size)
+                        public_dataset=public_ds, public_size=d.public.size,
+                        weight_fraction=d.weight_fraction)
 
 
 def build_world(scn: Scenario) -> World:
     """Build the world of a scenario: data, partition and per-client architectures."""
     data = load_bundle(scn)
     partitioner = PARTITIONERS.get(scn.partition.name, "partition.name")
-    parts = partitioner(data.pool.y.numpy(), scn.clients.num, data.num_classes, scn.seed,
+    labels = data.pool.y.numpy()
+    parts = partitioner(labels, scn.clients.num, data.num_classes, scn.seed,
                         **scn.partition.params)
+    parts, tests = split_local_test(labels, parts, scn.data.local_test_fraction, scn.seed)
     specs = [(m.arch, m.fraction) for m in scn.clients.models]
     archs = assign_archs(specs, scn.clients.num, scn.seed)
-    return World(scenario=scn, data=data, parts=tuple(parts), archs=tuple(archs))
+    return World(scenario=scn, data=data, parts=tuple(parts), archs=tuple(archs),
+                 local_tests=tuple(tests))
+
+
+#: Share of the clients whose mean accuracy is ``local-acc-worst10``.
+WORST_SHARE = 0.1
+
+
+def local_summary(accs: Sequence[float], losses: Sequence[float] = ()) -> dict[str, float]:
+    """Personalised metrics from per-client accuracies on their local test splits.
+
+    Every client counts once (unweighted); NaN entries (clients without a local test
+    split) are left out.
+
+    Parameters
+    ----------
+    accs : Sequence[float]
+        One accuracy per client.
+    losses : Sequence[float]
+        One loss per client (optional).
+
+    Returns
+    -------
+    dict[str, float]
+        ``local-acc`` (mean), ``local-acc-worst10`` (mean of the ``max(1, floor(0.1 K))``
+        lowest of K clients), ``local-acc-std`` (population standard deviation, ddof 0) and,
+        with losses, ``local-loss`` (mean); empty when no client has a local test split.
+    """
+    a = np.asarray(accs, dtype=np.float64)
+    a = np.sort(a[~np.isnan(a)])
+    if not len(a):
+        return {}
+    worst = max(1, int(np.floor(WORST_SHARE * len(a) + 1e-9)))
+    out = {"local-acc": float(a.mean()), "local-acc-worst10": float(a[:worst].mean()),
+           "local-acc-std": float(a.std())}
+    loss = np.asarray(losses, dtype=np.float64)
+    loss = loss[~np.isnan(loss)]
+    if len(loss):
+        out["local-loss"] = float(loss.mean())
+    return out
 
 
 _CACHE: dict[str, World] = {}

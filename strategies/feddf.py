@@ -17,11 +17,24 @@ handler). The server, each round:
    (``avg_probs``);
 4. distils each student on seeded proxy batches with Adam (``distill_lr=1e-3``), cosine
    annealing over ``distill_steps`` and gradient-norm clipping at 5 (as the reference code),
-   validating on the server validation split every ``eval_interval`` steps; after
-   ``patience`` evaluations without improvement it stops, and the student with the best
-   validation accuracy is kept, the FedAvg initialisation being the step-0 candidate
-   (the reference's ``return_best_model_on_val``), so distillation never lowers the
-   validation accuracy of the fused model.
+   validating on the server validation split (``data.val_fraction``) every
+   ``eval_interval`` steps; after ``patience`` evaluations without improving on the best
+   distilled student it stops, and the distilled student with the best validation accuracy
+   is kept (the reference's ``best_models``).
+
+``keep_best`` (the reference's ``return_best_model_on_val``): when true, the FedAvg
+initialisation is a candidate too and is kept when its validation accuracy is strictly
+higher than the best distilled student's, so distillation never lowers the validation
+accuracy of the fused model. The reference's default, and the setting of its README
+commands, is false (the best *distilled* student is kept even when the FedAvg model
+validated better), and so is fedkd's. Early stopping counts from the best distilled student
+in both cases, as the reference's tracker does. Without a validation split (``patience: 0``,
+``data.val_fraction: 0``) the last student is kept.
+
+Teacher weightings that use labels (``validation``, ``learned``) fit on the weighting split
+(``data.weight_fraction > 0``), disjoint from the early-stopping split; with
+``data.weight_fraction: 0`` they fit on the validation split itself, and each round records
+``weighting-on-val: 1`` (see :func:`strategies.weighting.weighting_split`).
 
 Outside fedkd's engine, in a plain Flower app, FedDF is constructed with what ``bind(world)``
 would otherwise fill: the proxy inputs (``proxy``), an optional labeled validation split
@@ -64,7 +77,13 @@ from fedkd.train import batch_indices, evaluate, fit
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg, num_examples
-from strategies.weighting import TeacherContext, make_weighting, weight_rows
+from strategies.weighting import (
+    TeacherContext,
+    make_weighting,
+    uses_labels,
+    weight_rows,
+    weighting_split,
+)
 
 ENSEMBLES = ("logits", "probs")
 
@@ -132,7 +151,7 @@ class ServerData:
     proxy : TensorSplit
         Unlabeled proxy inputs (labels used only when ``proxy_labeled``).
     val : TensorSplit or None
-        Labeled validation split for early stopping and label-using weightings.
+        Labeled validation split for early stopping.
     space : ModelSpace or ModelFnSpace
         Builds each architecture's model.
     share : Counter[str]
@@ -141,6 +160,10 @@ class ServerData:
         Whether ``proxy.y`` holds real labels.
     teacher_actors, eval_batch_size : int
         Ray actors for the teachers' logits (0: in-process) and their inference batch size.
+    fit : TensorSplit or None
+        Labeled split label-using weightings fit on (None: ``val``).
+    fit_shared : bool
+        Whether that split is the early-stopping split ``val``.
     """
 
     proxy: TensorSplit
@@ -150,15 +173,24 @@ class ServerData:
     proxy_labeled: bool = False
     teacher_actors: int = 0
     eval_batch_size: int = 1024
+    fit: TensorSplit | None = None
+    fit_shared: bool = True
+
+    @property
+    def weighting_data(self) -> TensorSplit | None:
+        """The labeled split label-using weightings fit on."""
+        return self.val if self.fit is None else self.fit
 
     @classmethod
     def of_world(cls, world: World) -> ServerData:
         """The server-side view of a fedkd world."""
         assert world.data.public is not None
+        fit, shared = weighting_split(world.data)
         return cls(proxy=world.data.public, val=world.data.val, space=world.model_space(),
                    share=Counter(world.archs), proxy_labeled=world.data.public_labeled,
                    teacher_actors=world.scenario.server.teacher_actors,
-                   eval_batch_size=world.scenario.server.eval_batch_size)
+                   eval_batch_size=world.scenario.server.eval_batch_size,
+                   fit=fit, fit_shared=shared)
 
     @classmethod
     def of_arrays(cls, proxy: Any, validation: tuple[Any, Any] | None,
@@ -204,6 +236,9 @@ class DistillResult:
     val_before, val_after : float
         Validation accuracy of the initialisation and of the kept student (nan without
         validation data).
+    fallback : bool
+        Whether ``keep_best`` kept the initialisation because it validated strictly better
+        than every distilled student.
     """
 
     state: dict[str, torch.Tensor]
@@ -211,6 +246,7 @@ class DistillResult:
     best_step: int
     val_before: float
     val_after: float
+    fallback: bool = False
 
 
 def _val_acc(model: nn.Module, val: TensorSplit | None) -> float:
@@ -223,7 +259,8 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
             steps: int, batch_size: int, lr: float, seed: int, val: TensorSplit | None,
-            eval_interval: int, patience: int, max_grad_norm: float = 5.0) -> DistillResult:
+            eval_interval: int, patience: int, max_grad_norm: float = 5.0,
+            keep_best: bool = False) -> DistillResult:
     """Distil ``targets`` on ``x`` into ``student`` with Adam, cosine annealing, early stopping.
 
     Parameters
@@ -239,18 +276,22 @@ def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn:
     seed : int
         Seeds the batch order.
     val : TensorSplit, optional
-        Validation split: evaluated before training and every ``eval_interval`` steps; the
-        best student (ties keep the earlier one) is kept. Without it, the last student is.
+        Validation split: evaluated before training and every ``eval_interval`` steps (and
+        after the last step); the best distilled student (ties keep the earlier one) is kept.
+        Without it, the last student is.
     eval_interval, patience : int
-        Steps between evaluations; evaluations without improvement before stopping
-        (0: never stop early).
+        Steps between evaluations; evaluations without improving on the best distilled
+        student before stopping (0: never stop early).
     max_grad_norm : float
         Gradient-norm clipping (0 disables).
+    keep_best : bool
+        Also keep the initialisation as a candidate: it is returned when its validation
+        accuracy is strictly higher than the best distilled student's.
     """
-    best_acc = val_before = _val_acc(student, val)
-    best_state, best_step, done, bad = _snapshot(student), 0, 0, 0
+    val_before = _val_acc(student, val)
+    init_state = _snapshot(student)
     if steps <= 0 or len(x) == 0:
-        return DistillResult(best_state, 0, 0, val_before, val_before)
+        return DistillResult(init_state, 0, 0, val_before, val_before)
     optimizer = ClippedAdam(student.parameters(), lr=lr, max_norm=max_grad_norm)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     batches: Iterator[torch.Tensor] = batch_indices(
@@ -260,6 +301,8 @@ def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn:
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         return loss_fn(student(x[idx]), targets[idx])
 
+    best: tuple[float, dict[str, torch.Tensor], int] | None = None  # acc, state, step
+    done = bad = 0
     while done < steps:
         ran = fit(student, optimizer, islice(batches, min(interval, steps - done)), step_loss,
                   scheduler).steps
@@ -269,16 +312,18 @@ def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn:
         if val is None:
             continue
         acc = _val_acc(student, val)
-        if acc > best_acc:
-            best_acc, best_state, best_step, bad = acc, _snapshot(student), done, 0
+        if best is None or acc > best[0]:
+            best, bad = (acc, _snapshot(student), done), 0
         else:
             bad += 1
             if 0 < patience <= bad:
                 break
-    if val is None:
-        best_state, best_step = _snapshot(student), done
-    student.load_state_dict(best_state)
-    return DistillResult(best_state, done, best_step, val_before, best_acc)
+    if val is None or best is None:  # no validation (or no step ran): the last student
+        best = (_val_acc(student, val), _snapshot(student), done)
+    fallback = keep_best and val_before > best[0]
+    acc, state, step = (val_before, init_state, 0) if fallback else best
+    student.load_state_dict(state)
+    return DistillResult(state, done, step, val_before, acc, fallback)
 
 
 # ---------------------------------------------------------------------------------- strategy
@@ -305,10 +350,15 @@ class FedDF(FedAvg):
     patience : int
         Evaluations without improvement before stopping (0: no early stopping; then the
         validation split is optional).
+    keep_best : bool
+        Keep the FedAvg model of a group when it validates strictly better than every
+        distilled student (the reference's ``return_best_model_on_val``; its default and
+        fedkd's: false, the best distilled student is kept).
     max_grad_norm : float
         Gradient-norm clipping of the student (reference: 5; 0 disables).
     weighting : str
-        Teacher weighting (``strategies/weighting.py``).
+        Teacher weighting (``strategies/weighting.py``); label-using ones fit on the
+        weighting split (``data.weight_fraction``), else on the validation split.
     weighting_params : dict, optional
         Its parameters.
     proxy : array-like, optional
@@ -324,7 +374,7 @@ class FedDF(FedAvg):
                  ensemble: str = "logits", temperature: float = 1.0, distill_steps: int = 200,
                  distill_batch_size: int = 64, distill_lr: float = 1e-3,
                  eval_interval: int = 20, patience: int = 3, max_grad_norm: float = 5.0,
-                 weighting: str = "uniform",
+                 keep_best: bool = False, weighting: str = "uniform",
                  weighting_params: dict[str, Any] | None = None, proxy: Any = None,
                  validation: tuple[Any, Any] | None = None,
                  model_fn: Callable[[], nn.Module] | None = None) -> None:
@@ -334,7 +384,7 @@ class FedDF(FedAvg):
         _check_params(ensemble=ensemble, temperature=temperature, distill_steps=distill_steps,
                       distill_batch_size=distill_batch_size, distill_lr=distill_lr,
                       eval_interval=eval_interval, patience=patience,
-                      max_grad_norm=max_grad_norm)
+                      max_grad_norm=max_grad_norm, keep_best=keep_best)
         self.ensemble = ensemble
         self.temperature = temperature
         self.distill_steps = distill_steps
@@ -343,6 +393,7 @@ class FedDF(FedAvg):
         self.eval_interval = eval_interval
         self.patience = patience
         self.max_grad_norm = max_grad_norm
+        self.keep_best = keep_best
         self.weighting = weighting
         self.weighting_params = dict(weighting_params or {})
         self.weigh = make_weighting(weighting, self.weighting_params)
@@ -354,6 +405,8 @@ class FedDF(FedAvg):
                 raise ValueError("FedDF outside fedkd's engine needs both proxy and model_fn")
             if patience > 0 and validation is None:
                 raise ValueError("FedDF early-stops on validation=(x, y); give it or patience=0")
+            if uses_labels(self.weigh) and validation is None:
+                raise ValueError(f"the {weighting!r} weighting fits on validation=(x, y)")
             self.server = ServerData.of_arrays(proxy, validation, model_fn)
 
     def bind(self, world: World) -> None:
@@ -367,8 +420,13 @@ class FedDF(FedAvg):
             raise ScenarioError("data.val_fraction", d.val_fraction,
                                 "a fraction > 0: FedDF early-stops on the server validation "
                                 "split (or set strategy.params.patience: 0)")
+        server = ServerData.of_world(world)
+        if uses_labels(self.weigh) and server.weighting_data is None:
+            raise ScenarioError("data.weight_fraction", d.weight_fraction,
+                                f"a fraction > 0 (or data.val_fraction > 0): the "
+                                f"{self.weighting!r} weighting fits on labeled server data")
         super().bind(world)
-        self.server = ServerData.of_world(world)
+        self.server = server
 
     # -------------------------------------------------------------------------- aggregation
     def fuse(self, server_round: int, replies: Sequence[Message],
@@ -376,6 +434,8 @@ class FedDF(FedAvg):
         """Distil the ensemble of all client models into each group's FedAvg model."""
         targets = self.proxy_targets(server_round, replies)
         fused, stats = self.distill_groups(server_round, groups, targets)
+        if uses_labels(self.weigh):
+            stats["weighting-on-val"] = float(self._server().fit_shared)
         for key, value in stats.items():
             metrics[key] = value
         self.distill_log[server_round] = stats
@@ -392,9 +452,14 @@ class FedDF(FedAvg):
                                batch_size=server.eval_batch_size)
 
     def proxy_targets(self, server_round: int, replies: Sequence[Message]) -> torch.Tensor:
-        """Ensemble targets on the proxy set (one teacher pass per round); records weights."""
+        """Ensemble targets on the proxy set (one teacher pass per round); records weights.
+
+        The teachers' logits on the weighting split (:attr:`ServerData.weighting_data`: the
+        separate ``data.weight_fraction`` split, else the validation split) come from the
+        same pass and reach the weighting as ``TeacherContext.val_logits``/``val_labels``.
+        """
         server = self._server()
-        public, val = server.proxy, server.val
+        public, val = server.proxy, server.weighting_data
         x = public.x if val is None else torch.cat([public.x, val.x])
         all_logits = self.teachers(replies).logits(x)
         logits = all_logits[:, :len(public)]
@@ -431,7 +496,7 @@ class FedDF(FedAvg):
                 batch_size=self.distill_batch_size, lr=self.distill_lr,
                 seed=seed_for(self.seed, server_round, i, 101), val=server.val,
                 eval_interval=self.eval_interval, patience=self.patience,
-                max_grad_norm=self.max_grad_norm)
+                max_grad_norm=self.max_grad_norm, keep_best=self.keep_best)
             fused[arch] = state_dict_to_arrayrecord(results[arch].state)
         return fused, round_stats(results, server.share or Counter(list(results)))
 
@@ -443,13 +508,15 @@ class FedDF(FedAvg):
 
 
 def round_stats(results: dict[str, DistillResult], share: Counter[str]) -> dict[str, float]:
-    """Round metrics: steps summed over groups, validation accuracies averaged by client share.
+    """Round metrics: steps summed over groups, validation accuracies averaged by client share,
+    and ``distill-fallback``, the groups that kept their FedAvg model (``keep_best``).
 
     Per-group values (``<key>/<arch>``) are added when there is more than one group.
     """
     total = sum(share[a] for a in results) or 1
     stats: dict[str, float] = {
         "distill-steps": sum(r.steps for r in results.values()),
+        "distill-fallback": sum(r.fallback for r in results.values()),
         "val-acc-avg": sum(r.val_before * share[a] for a, r in results.items()) / total,
         "val-acc-distilled": sum(r.val_after * share[a] for a, r in results.items()) / total,
     }
@@ -471,6 +538,7 @@ def _check_params(**p: Any) -> None:
         "eval_interval": (lambda v: v > 0, "an integer > 0"),
         "patience": (lambda v: v >= 0, "an integer >= 0"),
         "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
+        "keep_best": (lambda v: isinstance(v, bool), "true or false"),
     }
     for name, (ok, allowed) in rules.items():
         if not ok(p[name]):

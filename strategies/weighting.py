@@ -8,6 +8,14 @@ FedGen's and FedFTG's generator ensembles and DML's peer targets all call one.
 Add a weighting by registering a class with ``@WEIGHTINGS.register("name")`` whose
 constructor keyword arguments are its YAML params, in ``strategies/<name>.py`` (imported on
 first use); strategies take ``weighting: name`` and ``weighting_params: {...}``.
+
+Label-using weightings (``uses_labels = True``: ``validation``, ``learned``) fit on labeled
+server data, passed as ``TeacherContext.val_logits``/``val_labels``. Which split that is,
+:func:`weighting_split` decides: the separate weighting split (``data.weight_fraction > 0``),
+disjoint from the validation split FedDF early-stops on, so that comparing weightings is not
+confounded by extra labeled data; with ``data.weight_fraction: 0`` they fit on the
+validation split itself (shared with early stopping), which strategies record per round as
+``weighting-on-val: 1``.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fedkd.data.base import TensorSplit
+from fedkd.data.bundle import DataBundle
 from fedkd.errors import ScenarioError
 from fedkd.registry import Registry
 from strategies import load_module
@@ -34,10 +44,12 @@ class TeacherContext:
     label_counts : torch.Tensor
         ``(K, C)`` training label counts.
     val_scores : torch.Tensor, optional
-        ``(K,)`` accuracy of each teacher on the server validation split.
+        ``(K,)`` accuracy of each teacher on the labeled server split of
+        :func:`weighting_split`.
     val_logits, val_labels : torch.Tensor, optional
-        ``(K, V, C)`` teacher logits on the validation split and its ``(V,)`` labels (from
-        which ``val_scores`` follow, and on which ``learned`` weights are fitted).
+        ``(K, V, C)`` teacher logits on that split and its ``(V,)`` labels (from which
+        ``val_scores`` follow, and on which ``learned`` weights are fitted): the weighting
+        split when ``data.weight_fraction > 0``, else the validation split.
     """
 
     num_examples: torch.Tensor
@@ -56,13 +68,17 @@ class TeacherContext:
         if self.val_scores is not None:
             return self.val_scores.to(torch.float64)
         if self.val_logits is None or self.val_labels is None:
-            raise ValueError("this weighting needs the teachers' scores on the server "
-                             "validation split (set data.val_fraction > 0)")
+            raise ValueError("this weighting needs the teachers' scores on labeled server data "
+                             "(set data.weight_fraction > 0 or data.val_fraction > 0)")
         return (self.val_logits.argmax(dim=2) == self.val_labels).to(torch.float64).mean(dim=1)
 
 
 class Weighting(Protocol):
-    """Turns ``(K, N, C)`` teacher logits into ``(N, K)`` weights (rows sum to 1)."""
+    """Turns ``(K, N, C)`` teacher logits into ``(N, K)`` weights (rows sum to 1).
+
+    A class attribute ``uses_labels = True`` marks a weighting that fits on labeled server
+    data (``TeacherContext.val_logits``/``val_labels``); see :func:`uses_labels`.
+    """
 
     def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
                  labels: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -162,14 +178,16 @@ class Entropy:
 
 @WEIGHTINGS.register("validation")
 class Validation:
-    """``w_k ∝ acc_k`` on the server validation split; teachers at or below chance are dropped
-    (FedDF's ``weighted`` / ``drop_worst`` options). All dropped -> uniform.
+    """``w_k ∝ acc_k`` on labeled server data (:func:`weighting_split`); teachers at or below
+    chance are dropped (FedDF's ``weighted`` / ``drop_worst`` options). All dropped -> uniform.
 
     Parameters
     ----------
     drop_below_chance : bool
         Give zero weight to teachers whose accuracy is at most ``1 / C``.
     """
+
+    uses_labels = True
 
     def __init__(self, drop_below_chance: bool = True) -> None:
         self.drop_below_chance = drop_below_chance
@@ -208,8 +226,8 @@ class Agreement:
 @WEIGHTINGS.register("learned")
 class Learned:
     """Per-teacher weights on the simplex, ``w = softmax(theta)``, fitted each round to minimise
-    the cross-entropy of the weighted-logit ensemble on the server validation split (Adam from
-    uniform, a fixed number of steps; deterministic).
+    the cross-entropy of the weighted-logit ensemble on labeled server data
+    (:func:`weighting_split`; Adam from uniform, a fixed number of steps; deterministic).
 
     Parameters
     ----------
@@ -218,6 +236,8 @@ class Learned:
     lr : float
         Adam learning rate on ``theta``.
     """
+
+    uses_labels = True
 
     def __init__(self, steps: int = 100, lr: float = 0.1) -> None:
         if steps < 0 or lr <= 0:
@@ -240,8 +260,8 @@ class Learned:
     def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
         if ctx.val_logits is None or ctx.val_labels is None:
-            raise ValueError("the learned weighting needs the teachers' logits on the server "
-                             "validation split (set data.val_fraction > 0)")
+            raise ValueError("the learned weighting needs the teachers' logits on labeled server "
+                             "data (set data.weight_fraction > 0 or data.val_fraction > 0)")
         return _rows(self.fit(ctx.val_logits, ctx.val_labels), logits.shape[1]).to(logits.dtype)
 
 
@@ -258,6 +278,32 @@ def make_weighting(name: str = "uniform", params: Mapping[str, Any] | None = Non
         return cls(**params)
     except ValueError as exc:
         raise ScenarioError(params_path, params, str(exc)) from None
+
+
+def uses_labels(weighting: Weighting) -> bool:
+    """Whether ``weighting`` fits on labeled server data (its ``uses_labels`` attribute)."""
+    return bool(getattr(weighting, "uses_labels", False))
+
+
+def weighting_split(data: DataBundle) -> tuple[TensorSplit | None, bool]:
+    """The labeled server split label-using weightings fit on, and whether it is shared with
+    early stopping.
+
+    Parameters
+    ----------
+    data : DataBundle
+        A world's splits.
+
+    Returns
+    -------
+    tuple of (TensorSplit or None, bool)
+        ``(data.weight, False)`` when ``data.weight_fraction > 0`` carved a weighting split,
+        disjoint from the validation split; else ``(data.val, True)``: the validation split
+        that FedDF also early-stops on (None when there is none either).
+    """
+    if data.weight is not None and len(data.weight) > 0:
+        return data.weight, False
+    return data.val, True
 
 
 def class_weights(label_counts: torch.Tensor) -> torch.Tensor:

@@ -79,40 +79,16 @@ def train(msg: Message, context: Context) -> Message:
         reply_to=msg)
 
 
-class AppGrid(ToyGrid):
-    """Every node runs the real fedkd ClientApp in this process, one message after another.
-
-    The same handlers, mods and node ids as :class:`fedkd.engine.ray_grid.RayGrid`, without
-    Ray: strategies run end to end through :func:`fedkd.engine.runner.run_rounds` in a test.
-    """
-
-    def __init__(self, world: Any, run_dir: Any) -> None:
-        from fedkd.client import WorldSource
-        from fedkd.compose import client_app
-        from fedkd.engine.ray_grid import NODE_BASE
-        from fedkd.scenario import dump
-        from fedkd.world import install_world
-
-        self.base = NODE_BASE
-        self.node_ids = [NODE_BASE + c for c in range(world.num_clients)]
-        install_world(world)
-        self.app = client_app(WorldSource(dump(world.scenario), str(run_dir)))
-        self.num_clients = world.num_clients
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        from fedkd.engine.ray_grid import run_batch
-
-        batch = [(m.metadata.dst_node_id - self.base, m) for m in messages]
-        return run_batch(self.app, batch, self.num_clients)
-
-
 def run_in_process(world: Any, run_dir: Any, strategy: Any = None) -> list[Any]:
-    """Every round of the world's scenario in process; the runner's per-round results."""
+    """Every round of the world's scenario on the inline engine; the per-round results."""
+    from fedkd.client import WorldSource
     from fedkd.compose import build_strategy
+    from fedkd.engine.inline import InlineGrid
     from fedkd.engine.runner import run_rounds
+    from fedkd.scenario import dump
 
     strategy = strategy if strategy is not None else build_strategy(world.scenario, world)
+    grid = InlineGrid(world, WorldSource(dump(world.scenario), str(run_dir)))
     results: list[Any] = []
-    run_rounds(world, strategy, AppGrid(world, run_dir), results.append)
+    run_rounds(world, strategy, grid, results.append)
     return results

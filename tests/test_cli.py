@@ -49,13 +49,15 @@ SMALL = ("rounds=2", "clients.fraction=0.5", "clients.train.epochs=1")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same small scenario on: Ray twice (2 actors), Ray with 1 actor, Flower's engine."""
+    """The same small scenario on: Ray twice (2 actors), Ray with 1 actor, Flower's engine,
+    and the inline engine (every client in the driver process)."""
     base = tmp_path_factory.mktemp("runs")
     return {
         "ray_a": simulate(base / "a", *SMALL, "engine.actors=2"),
         "ray_b": simulate(base / "b", *SMALL, "engine.actors=2"),
         "ray_1": simulate(base / "c", *SMALL, "engine.actors=1"),
         "flower": simulate(base / "d", *SMALL, "engine.name=flower"),
+        "inline": simulate(base / "e", *SMALL, "engine.name=inline"),
     }
 
 
@@ -99,6 +101,11 @@ def test_ray_vs_flower_engine(runs: dict[str, Path]) -> None:
     b = table(runs["flower"] / "metrics.parquet")
     assert a == b
     assert table(runs["ray_a"] / "clients.parquet") == table(runs["flower"] / "clients.parquet")
+
+
+def test_ray_vs_inline_engine(runs: dict[str, Path]) -> None:
+    for f in ("metrics.parquet", "clients.parquet"):
+        assert table(runs["ray_a"] / f) == table(runs["inline"] / f)
 
 
 def test_quickstart_learns(tmp_path: Path) -> None:

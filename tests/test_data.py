@@ -264,6 +264,32 @@ def test_bundle_external_public() -> None:
     assert full.public is not None and len(full.public) == 300
 
 
+def test_weight_split_disjoint_from_val_public_and_pool() -> None:
+    ds = _synthetic()
+    bundle = build_bundle(ds, seed=1, val_fraction=0.1, public_fraction=0.2,
+                          weight_fraction=0.05)
+    assert bundle.val is not None and bundle.public is not None and bundle.weight is not None
+    assert (len(bundle.val), len(bundle.public), len(bundle.weight), len(bundle.pool)) == (
+        100, 200, 50, 650)
+    val, pub, weight, pool = (_rows(bundle.val), _rows(bundle.public), _rows(bundle.weight),
+                              _rows(bundle.pool))
+    assert not (weight & val) and not (weight & pub) and not (weight & pool)
+    assert val | pub | weight | pool == _rows(ds.train)
+    # the weighting split is cut after val and public: those two are as without it
+    plain = build_bundle(ds, seed=1, val_fraction=0.1, public_fraction=0.2)
+    assert plain.val is not None and plain.public is not None and plain.weight is None
+    assert torch.equal(bundle.val.x, plain.val.x) and torch.equal(bundle.public.x, plain.public.x)
+    assert _rows(bundle.pool) | weight == _rows(plain.pool)
+
+
+def test_zero_weight_fraction_changes_nothing() -> None:
+    ds = _synthetic()
+    a = build_bundle(ds, seed=3, val_fraction=0.1, public_fraction=0.1)
+    b = build_bundle(ds, seed=3, val_fraction=0.1, public_fraction=0.1, weight_fraction=0.0)
+    assert b.weight is None and a.val is not None and b.val is not None
+    assert torch.equal(a.pool.x, b.pool.x) and torch.equal(a.val.x, b.val.x)
+
+
 def test_bundle_errors() -> None:
     ds = _synthetic()
     wrong = DATASETS.get("synthetic")(None, False, 0, num_features=5)
@@ -277,6 +303,11 @@ def test_bundle_errors() -> None:
     with pytest.raises(ScenarioError) as err:
         build_bundle(ds, seed=0, public_fraction=0.1, public_dataset=_synthetic(1))
     assert err.value.path == "data.public_fraction"
+    with pytest.raises(ScenarioError) as err:
+        build_bundle(ds, seed=0, weight_fraction=-0.1)
+    assert err.value.path == "data.weight_fraction"
+    with pytest.raises(ScenarioError, match="val \\+ public \\+ weight"):
+        build_bundle(ds, seed=0, val_fraction=0.5, public_fraction=0.3, weight_fraction=0.2)
 
 
 # ----------------------------------------------------------------------------- downloads

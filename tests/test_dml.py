@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedkd.client import ClientEnv, train_config_record
 from fedkd.compose import load_scenario
 from fedkd.distill import mutual_kl
+from fedkd.errors import ScenarioError
 from fedkd.state import StateStore
 from fedkd.world import World, build_world
 from strategies import get_strategy
@@ -26,6 +28,7 @@ from strategies.dml import (
     dml_logits,
     dml_train,
     leave_one_out,
+    peer_kl,
     teacher_rows,
 )
 from strategies.fedavg import NodeInfo
@@ -44,12 +47,71 @@ CTX = TeacherContext(num_examples=torch.tensor([1.0, 2.0, 3.0]), label_counts=to
 
 
 def test_leave_one_out_uniform_exact() -> None:
-    targets, mean_w = leave_one_out(TOY, make_weighting("uniform"), CTX)
+    targets, mean_w = leave_one_out(TOY, make_weighting("uniform"), CTX, ensemble="logits")
     assert torch.equal(targets[0], torch.tensor([[4.5, 3.0], [1.5, 4.5]]))  # mean of peers 1, 2
     assert torch.equal(targets[1], torch.tensor([[3.0, 4.5], [4.5, 1.5]]))  # mean of peers 0, 2
     assert torch.equal(targets[2], torch.tensor([[1.5, 1.5], [3.0, 3.0]]))  # mean of peers 0, 1
     assert torch.equal(mean_w, torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.0, 0.5],
                                              [0.5, 0.5, 0.0]], dtype=torch.float64))
+
+
+def _sig(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def test_leave_one_out_mean_of_probabilities_exact() -> None:
+    """Peer 0's target: mean of softmax(TOY[1]) and softmax(TOY[2]) row by row; e.g. row 0:
+    softmax(3, 0) = (s(3), 1 - s(3)) and softmax(6, 6) = (1/2, 1/2), s the logistic."""
+    targets, _ = leave_one_out(TOY, make_weighting("uniform"), CTX)  # "probs" by default
+    want0 = torch.tensor([[(_sig(3) + 0.5) / 2, (1 - _sig(3) + 0.5) / 2],   # 0.7263, 0.2737
+                          [(_sig(-6) + 0.5) / 2, (_sig(6) + 0.5) / 2]])     # 0.2512, 0.7488
+    torch.testing.assert_close(targets[0], want0)
+    # peer 2: rows (0, 3) and (3, 0) -> (1/2, 1/2); rows (6, 0) and (0, 6) -> (1/2, 1/2)
+    torch.testing.assert_close(targets[2], torch.full((2, 2), 0.5))
+    # the logits ensemble of the same peers is sharper: softmax(4.5, 3) = (s(1.5), 1 - s(1.5))
+    (logit_t0, *_), _ = leave_one_out(TOY, make_weighting("uniform"), CTX, ensemble="logits")
+    assert float(torch.softmax(logit_t0[0], 0)[0]) == pytest.approx(_sig(1.5))  # 0.8176
+    assert float(targets[0][0, 0]) == pytest.approx(0.72628, abs=1e-5)
+    # at T = 2 each peer is softened first: softmax((3, 0) / 2) = (s(1.5), 1 - s(1.5))
+    soft, _ = leave_one_out(TOY, make_weighting("uniform"), CTX, temperature=2.0)
+    assert float(soft[0][0, 0]) == pytest.approx((_sig(1.5) + 0.5) / 2)
+
+
+def test_probs_and_logits_coincide_for_two_peers() -> None:
+    ctx = TeacherContext(num_examples=torch.ones(2), label_counts=torch.ones(2, 2))
+    probs, _ = leave_one_out(TOY[:2], make_weighting("uniform"), ctx)
+    logits, _ = leave_one_out(TOY[:2], make_weighting("uniform"), ctx, ensemble="logits")
+    for p, t in zip(probs, logits, strict=True):
+        torch.testing.assert_close(p, torch.softmax(t, dim=1))
+
+
+def test_peer_kl_probs_and_logits_targets() -> None:
+    """KL((3/4, 1/4) ‖ (1/2, 1/2)) = 3/4 ln 3/2 + 1/4 ln 1/2 = 0.130812, whether the target
+    comes as probabilities or as logits (ln 3, 0)."""
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    me = torch.zeros(1, 2, requires_grad=True)
+    q = torch.tensor([[0.75, 0.25]], requires_grad=True)
+    got = peer_kl(me, q, 1.0, "probs")
+    assert float(got.detach()) == pytest.approx(kl, rel=1e-6)
+    got.backward()
+    assert q.grad is None  # the peers' target is detached
+    assert float(peer_kl(me.detach(), torch.tensor([[math.log(3.0), 0.0]]), 1.0, "logits")) == (
+        pytest.approx(kl, rel=1e-6))
+    # on TOY, peer 0 with uniform logits: the two ensembles give different losses
+    probs, _ = leave_one_out(TOY, make_weighting("uniform"), CTX)
+    logits, _ = leave_one_out(TOY, make_weighting("uniform"), CTX, ensemble="logits")
+    zero = torch.zeros(2, 2)
+    p0 = probs[0]
+    want = float((p0 * (p0 / 0.5).log()).sum(1).mean())  # 0.1085
+    assert float(peer_kl(zero, probs[0], 1.0, "probs")) == pytest.approx(want, rel=1e-5)
+    assert float(peer_kl(zero, logits[0], 1.0, "logits")) > 2 * want
+
+
+def test_bad_peer_ensemble_names_the_key() -> None:
+    with pytest.raises(ScenarioError) as err:
+        DML(peer_ensemble="mean")
+    assert err.value.path == "strategy.params.peer_ensemble"
+    assert DML().peer_ensemble == "probs"
 
 
 def by_size(logits: torch.Tensor, ctx: TeacherContext, labels: torch.Tensor | None,
@@ -60,7 +122,7 @@ def by_size(logits: torch.Tensor, ctx: TeacherContext, labels: torch.Tensor | No
 
 
 def test_leave_one_out_weighting_sees_only_other_peers() -> None:
-    targets, mean_w = leave_one_out(TOY, by_size, CTX)
+    targets, mean_w = leave_one_out(TOY, by_size, CTX, ensemble="logits")
     # peer 0: others are peers 1 (size 2) and 2 (size 3) -> weights 0.4, 0.6
     assert torch.allclose(targets[0], 0.4 * TOY[1] + 0.6 * TOY[2])
     # peer 2: peers 0 (size 1) and 1 (size 2) -> 1/3, 2/3
@@ -126,8 +188,10 @@ class FakeGrid:
         return out
 
 
-def test_configure_train_sends_each_peer_its_leave_one_out_target() -> None:
-    strategy = get_strategy("dml")(seed=1, public_size=2, temperature=2.0)
+@pytest.mark.parametrize("ensemble", ["probs", "logits"])
+def test_configure_train_sends_each_peer_its_leave_one_out_target(ensemble: str) -> None:
+    strategy = get_strategy("dml")(seed=1, public_size=2, temperature=2.0,
+                                   peer_ensemble=ensemble)
     assert isinstance(strategy, DML)
     strategy.nodes = [NodeInfo(node_id=50 + cid, cid=cid, arch="mlp", num_examples=cid + 1,
                                label_counts=(1, 1)) for cid in range(3)]
@@ -135,11 +199,13 @@ def test_configure_train_sends_each_peer_its_leave_one_out_target() -> None:
     msgs = list(strategy.configure_train(3, None, ConfigRecord({"lr": 0.1}), grid))
     assert [m.metadata.message_type for m in grid.sent] == [QUERY_TYPE] * 3
     assert not grid.sent[0].content.array_records
-    targets, _ = leave_one_out(TOY, make_weighting("uniform"), CTX)
+    targets, _ = leave_one_out(TOY, make_weighting("uniform"), CTX, ensemble=ensemble,
+                               temperature=2.0)
     for m, t in zip(msgs, targets, strict=True):
         assert m.metadata.message_type == TRAIN_TYPE
         assert torch.equal(record_logits(m.content.array_records["peers"]), t)
         assert m.content.config_records["config"]["temperature"] == 2.0
+        assert m.content.config_records["config"]["peer-ensemble"] == ensemble
     assert [r["weight"] for r in strategy.teacher_weights[3]] == [pytest.approx(0.5)] * 3
 
 

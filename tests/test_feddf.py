@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
 from fedkd.compose import load_scenario
+from fedkd.data.base import TensorSplit
 from fedkd.distill import kd_kl
 from fedkd.ensemble import Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
@@ -143,6 +144,8 @@ def test_bad_params_name_the_key() -> None:
         FedDF(temperature=0.0)
     with pytest.raises(ScenarioError, match="strategy.params.eval_interval"):
         FedDF(eval_interval=0)
+    with pytest.raises(ScenarioError, match="strategy.params.keep_best"):
+        FedDF(keep_best="yes")  # type: ignore[arg-type]
     assert get_strategy("feddf") is FedDF
 
 
@@ -227,7 +230,8 @@ def test_zero_steps_is_fedavg_per_group_exact(world: World) -> None:
 
 
 def test_distillation_keeps_or_improves_val_acc(world: World) -> None:
-    strategy, replies = _setup(world, trained=True, distill_steps=100, eval_interval=10)
+    strategy, replies = _setup(world, trained=True, distill_steps=100, eval_interval=10,
+                               keep_best=True)
     arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is not None and metrics is not None
     out = split_groups(arrays)
@@ -241,33 +245,59 @@ def test_distillation_keeps_or_improves_val_acc(world: World) -> None:
     assert metrics["train-loss"] == 1.0
     assert strategy.distill_log[2] == {k: v for k, v in metrics.items() if k != "train-loss"}
     # deterministic: the same inputs give identical students
-    again, _ = _setup(world, trained=True, distill_steps=100,
-                      eval_interval=10)[0].aggregate_train(2, replies)
+    again, _ = _setup(world, trained=True, distill_steps=100, eval_interval=10,
+                      keep_best=True)[0].aggregate_train(2, replies)
     assert again is not None
     for key in arrays:
         np.testing.assert_array_equal(arrays[key].numpy(), again[key].numpy())
 
 
-def test_harmful_distillation_falls_back_to_fedavg(world: World) -> None:
-    # clients trained on the whole pool make a good FedAvg init; lr=5 wrecks every student
+def _harmful(world: World, keep_best: bool) -> tuple[FedDF, list[Message]]:
+    """Clients trained on the whole pool make a good FedAvg init; lr=5 wrecks every student."""
     strategy, _ = _setup(world, trained=False, distill_lr=5.0, max_grad_norm=0.0,
-                         eval_interval=5, patience=2, distill_steps=40)
+                         eval_interval=5, patience=2, distill_steps=40, keep_best=keep_best)
     cfg = dataclasses.replace(world.scenario.clients.train, epochs=3)
     replies = []
     for cid in range(4):
         model = world.new_model(world.archs[cid], seed=0)
         train_supervised(model, world.data.pool.x, world.data.pool.y, cfg, seed=cid)
         replies.append(_reply(100 + cid, model.state_dict(), 10 + cid))
+    return strategy, replies
+
+
+def test_keep_best_falls_back_to_fedavg_when_distillation_harms(world: World) -> None:
+    strategy, replies = _harmful(world, keep_best=True)
     fedavg = strategy.aggregate_groups(replies)
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     assert metrics["val-acc-avg/cnn_small"] > 0.8 and metrics["val-acc-avg/mlp"] > 0.8
     assert metrics["val-acc-distilled"] == metrics["val-acc-avg"]
-    assert metrics["distill-steps/cnn_small"] == 10  # two evaluations without improvement
+    assert metrics["distill-fallback"] == 2  # both groups kept their FedAvg model
+    # patience counts from the best *distilled* student, as the reference's tracker: 25 steps
+    # (counted from the FedAvg model's accuracy it would stop after two evaluations, 10 steps)
+    assert metrics["distill-steps/cnn_small"] == 25
     out = split_groups(arrays)
     for arch, rec in fedavg.items():
         for key in rec:
             np.testing.assert_array_equal(out[arch][key].numpy(), rec[key].numpy())
+
+
+def test_default_keeps_best_distilled_student_as_reference(world: World) -> None:
+    # the reference's return_best_model_on_val is false: the FedAvg model is no candidate
+    assert FedDF().keep_best is False
+    strategy, replies = _harmful(world, keep_best=False)
+    fedavg = strategy.aggregate_groups(replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    assert metrics["distill-fallback"] == 0
+    assert metrics["distill-steps/cnn_small"] == 25  # same early stopping as keep_best
+    out = split_groups(arrays)
+    for arch in ("cnn_small", "mlp"):
+        distilled = metrics[f"val-acc-distilled/{arch}"]
+        assert distilled < metrics[f"val-acc-avg/{arch}"]  # worse than FedAvg, kept anyway
+        assert distilled == _val_acc(world, arch, out[arch])
+        assert any(not np.array_equal(out[arch][k].numpy(), fedavg[arch][k].numpy())
+                   for k in fedavg[arch])
 
 
 def test_bind_needs_public_and_val() -> None:
@@ -284,6 +314,49 @@ def test_bind_needs_public_and_val() -> None:
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     assert metrics["distill-steps"] == 7 and math.isnan(metrics["val-acc-distilled"])
+
+
+def _expected_validation_weights(world: World, strategy: FedDF, replies: list[Message],
+                                 split: TensorSplit) -> list[float]:
+    """FedDF's ``validation`` weighting by hand: accuracy on ``split``, chance dropped."""
+    accs = []
+    for r in replies:
+        model = world.model_space().build(strategy.node(r.metadata.src_node_id).arch,
+                                          arrayrecord_to_state_dict(r.content["arrays"]))
+        acc = evaluate(model, split.x, split.y)[1]
+        accs.append(acc if acc > 1 / world.data.num_classes else 0.0)
+    return [a / sum(accs) for a in accs]
+
+
+@pytest.mark.parametrize("weight_fraction", [0.1, 0.0])
+def test_validation_weighting_fits_on_the_weight_split(weight_fraction: float) -> None:
+    world = build_world(load_scenario(QUICKSTART, [HETERO,
+                                                   f"data.weight_fraction={weight_fraction}"]))
+    strategy, replies = _setup(world, trained=True, clients=4, weighting="validation",
+                               distill_steps=0)
+    assert world.data.val is not None
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None
+    if weight_fraction:  # its own split, disjoint from the early-stopping one
+        split = world.data.weight
+        assert split is not None and (len(split), len(world.data.val)) == (144, 144)
+        assert metrics["weighting-on-val"] == 0.0
+    else:  # today's behaviour: the early-stopping split, recorded as such
+        split = world.data.val
+        assert world.data.weight is None and metrics["weighting-on-val"] == 1.0
+    assert strategy._server().weighting_data is split
+    expected = _expected_validation_weights(world, strategy, replies, split)
+    got = [row["weight"] for row in strategy.teacher_weights[1]]
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert len(set(np.round(got, 6))) > 1  # the teachers are told apart
+
+
+def test_label_using_weighting_needs_labeled_server_data() -> None:
+    bare = build_world(load_scenario(QUICKSTART, ["data.val_fraction=0"]))
+    with pytest.raises(ScenarioError) as err:
+        FedDF(weighting="learned", patience=0).bind(bare)
+    assert err.value.path == "data.weight_fraction"
+    FedDF(weighting="uniform", patience=0).bind(bare)  # no labels needed
 
 
 # ----------------------------------------------------------------------------- Ray teachers
@@ -325,7 +398,7 @@ def _simulate(out: Path, *sets: str) -> Path:
 
 
 def test_cli_feddf(tmp_path: Path) -> None:
-    run = _simulate(tmp_path)
+    run = _simulate(tmp_path, "strategy.params.keep_best=true")
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["round"] for r in rows] == [1, 2]
     assert all(0.0 <= r["acc"] <= 1.0 for r in rows)
@@ -336,9 +409,10 @@ def test_cli_feddf(tmp_path: Path) -> None:
     assert len(teachers) == 20
     assert all(t["weight"] == pytest.approx(0.1) for t in teachers)
     assert rows[-1]["distill_steps"] > 0
-    assert rows[-1]["val_acc_distilled"] >= rows[-1]["val_acc_avg"]
+    assert rows[-1]["val_acc_distilled"] >= rows[-1]["val_acc_avg"]  # keep_best
 
 
+@pytest.mark.slow  # the contract test runs every strategy in process
 def test_cli_feddf_heterogeneous(tmp_path: Path) -> None:
     run = _simulate(tmp_path, HETERO)
     rows = pq.read_table(run / "metrics.parquet").to_pylist()

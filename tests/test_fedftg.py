@@ -24,7 +24,8 @@ from strategies.weighting import class_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
-SMALL = {"rounds_inner": 1, "gen_steps": 2, "ft_steps": 2, "batch_size": 16, "gen_width": 8}
+SMALL = {"mode": "fedftg", "rounds_inner": 1, "gen_steps": 2, "ft_steps": 2, "batch_size": 16,
+         "gen_width": 8}
 
 
 # ----------------------------------------------------------------------------- class weights
@@ -85,8 +86,9 @@ def test_mode_defaults_and_explicit_params_win() -> None:
         30, 0.01, "sgd", 20.0)
     assert (dense.synthesis.adv_mask, dense.synthesis.div, dense.label_weighting) == (
         "disagree", 0.0, False)
-    ftg = FedFTG()
-    assert ftg.mode == "fedftg" and ftg.synthesis.adv_mask == "agree" and ftg.label_weighting
+    assert FedFTG().mode == "dense"  # the default: it kept up with FedAvg in README's study
+    ftg = FedFTG(mode="fedftg")
+    assert ftg.synthesis.adv_mask == "agree" and ftg.label_weighting and ftg.temperature == 1.0
     assert FedFTG(mode="dense", temperature=4.0, adv_mask="none").temperature == 4.0
     assert set(MODE_DEFAULTS["dense"]) == set(MODE_DEFAULTS["fedftg"])
 

@@ -12,28 +12,42 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
+from fedkd.client import ClientEnv, train_config_record
 from fedkd.comm import array_bytes, state_dict_to_arrayrecord
+from fedkd.compose import load_scenario
 from fedkd.distill import diversity_loss, kd_kl
 from fedkd.errors import ScenarioError
+from fedkd.feature_generator import (
+    Heads,
+    build_generator,
+    client_regulariser,
+    generator_loss,
+    weighted_teacher_ce,
+)
 from fedkd.models import build_model
 from fedkd.scenario import TrainConfig
-from fedkd.train import train_supervised
+from fedkd.state import StateStore
+from fedkd.train import batch_indices, train_supervised
+from fedkd.world import World, build_world
 from strategies import get_strategy
 from strategies.fedavg import NodeInfo
 from strategies.fedgen import (
+    PRESETS,
+    TRAIN_TYPE,
+    ClientParams,
     FedGen,
-    Heads,
-    build_generator,
     check_latent_dims,
-    client_regulariser,
+    client_lr,
+    counting_labels,
     decayed,
     fedgen_extra_loss,
-    generator_loss,
     label_pool,
-    weighted_teacher_ce,
+    local_train_config,
+    reply_label_counts,
+    train_fedgen,
 )
 from strategies.weighting import TeacherContext
 
@@ -70,6 +84,56 @@ def test_label_weighting_off_uses_weighting_plug() -> None:
     torch.testing.assert_close(w, torch.full((4, 2), 0.5))
     with pytest.raises(Exception, match="weighting"):
         FedGen(label_weighting=False, weighting="no-such-weighting")
+
+
+# ----------------------------------------------------------------------------- presets
+def test_presets_pinned() -> None:
+    assert FedGen().preset == "stable"
+    assert FedGen().params == PRESETS["stable"] == ClientParams(
+        generative_alpha=1.0, generative_beta=1.0, client_lr=None, client_momentum=None,
+        client_weight_decay=None, client_lr_decay=1.0, label_counts="dataset")
+    assert FedGen(preset="paper").params == PRESETS["paper"] == ClientParams(
+        generative_alpha=10.0, generative_beta=10.0, client_lr=0.01, client_momentum=0.0,
+        client_weight_decay=0.0, client_lr_decay=0.99, label_counts="drawn")
+    # explicit parameters override the preset, one by one
+    mixed = FedGen(preset="paper", generative_alpha=1.0, label_counts="dataset").params
+    assert (mixed.generative_alpha, mixed.generative_beta, mixed.client_lr,
+            mixed.label_counts) == (1.0, 10.0, 0.01, "dataset")
+    assert FedGen(client_lr=0.02).params.client_lr == 0.02
+
+
+def test_preset_client_config() -> None:
+    stable = FedGen().client_config(3)
+    assert stable["fedgen-alpha"] == stable["fedgen-beta"] == 1.0
+    assert not {"lr", "momentum", "weight-decay", "fedgen-lr-decay"} & set(stable)
+    paper = FedGen(preset="paper").client_config(3)
+    assert paper["fedgen-alpha"] == paper["fedgen-beta"] == 10.0
+    assert (paper["lr"], paper["momentum"], paper["weight-decay"],
+            paper["fedgen-lr-decay"]) == (0.01, 0.0, 0.0, 0.99)
+
+
+def test_bad_params_name_the_key() -> None:
+    for kwargs, key in [({"preset": "fast"}, "preset"), ({"client_lr_decay": 1.5},
+                        "client_lr_decay"), ({"label_counts": "all"}, "label_counts"),
+                        ({"generative_alpha": -1.0}, "generative_alpha"),
+                        ({"client_momentum": 1.0}, "client_momentum"),
+                        ({"client_lr": 0.0}, "client_lr")]:
+        with pytest.raises(ScenarioError) as err:
+            FedGen(**kwargs)
+        assert err.value.path == f"strategy.params.{key}"
+
+
+def test_paper_lr_decay_lags_one_round() -> None:
+    """The code's ``ExponentialLR(0.99).step(glob_iter)`` after local training: 0-based round t
+    trains at ``0.01 * 0.99**max(t - 1, 0)``; fedkd's round r = t + 1."""
+    lrs = [client_lr(0.01, 0.99, r) for r in (1, 2, 3, 4, 12)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.0099, 0.009801, 0.01 * 0.99 ** 10], rel=1e-12)
+    base = TrainConfig(lr=0.01, momentum=0.0, epochs=1, batch_size=8)
+    env = SimpleNamespace(train_config=base, server_round=4,
+                          config=ConfigRecord({"fedgen-lr-decay": 0.99}))
+    assert local_train_config(env).lr == pytest.approx(0.009801)  # type: ignore[arg-type]
+    env.config = ConfigRecord({})  # stable: the scenario's config, untouched
+    assert local_train_config(env) is base  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- generator
@@ -265,6 +329,89 @@ def test_train_messages_carry_generator_once_trained() -> None:
         state_dict_to_arrayrecord(s.generator.state_dict()))
 
 
+# ----------------------------------------------------------------------------- label counts
+def test_counting_labels_on_a_toy_batch() -> None:
+    y = torch.tensor([0, 2, 2, 1, 2, 0])
+    counts = torch.ones(4, dtype=torch.long)  # the code's counts start at 1 for every class
+    hook = counting_labels(None, y, counts)
+    out = hook(torch.tensor([1, 2, 4, 5]), torch.zeros(4, 4))
+    assert counts.tolist() == [2, 1, 4, 1] and float(out) == 0.0
+    hook(torch.tensor([0, 3]), torch.zeros(2, 4))
+    assert counts.tolist() == [3, 2, 4, 1]
+
+
+def test_counting_in_training_counts_every_drawn_label_and_changes_nothing() -> None:
+    x, y = torch.randn(6, 1, 2, 2), torch.tensor([0, 0, 1, 2, 2, 2])
+    cfg = TrainConfig(lr=0.1, momentum=0.9, epochs=2, batch_size=3)
+    plain = build_model("mlp", (1, 2, 2), 4, seed=0, hidden=[4])
+    counted = build_model("mlp", (1, 2, 2), 4, seed=0, hidden=[4])
+    counts = torch.ones(4, dtype=torch.long)
+    a = train_supervised(plain, x, y, cfg, seed=3)
+    b = train_supervised(counted, x, y, cfg, seed=3, extra_loss=counting_labels(None, y, counts))
+    # two epochs draw every sample twice: 1 + 2 * (2, 1, 3, 0)
+    assert counts.tolist() == [5, 3, 7, 1]
+    assert a.loss == b.loss
+    for p, q in zip(plain.parameters(), counted.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_drawn_counts_set_teacher_weights_and_label_pool() -> None:
+    """Drawn counts (K=2 teachers, C=3): label 2 was drawn by nobody (counts 1, 1)."""
+    drawn = torch.tensor([[3.0, 1.0, 1.0], [1.0, 2.0, 1.0]])
+    assert label_pool(drawn, 1).tolist() == [0, 1]
+    s = FedGen(preset="paper", seed=0, generator_steps=2, hidden_dim=8, noise_dim=4)
+    ctx = s.teacher_context(_infos([[9, 9, 9], [9, 9, 9]]), drawn)
+    w = s.weights_fn(ctx)(torch.zeros(2, 3, 3), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(w, torch.tensor([[0.75, 0.25], [1 / 3, 2 / 3], [0.5, 0.5]]))
+    teachers, _ = _heads(2, 3, 6, seed=0)
+    s.train_generator(1, teachers, [], _infos([[9, 9, 9], [9, 9, 9]]), drawn)
+    assert s.generator_labels == [0, 1]  # the handshake counts would give [0, 1, 2]
+
+
+def _reply(node_id: int, record: ArrayRecord, counts: list[int]) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id,
+                          message_type=TRAIN_TYPE)
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(
+        {"num-examples": 4, "train-loss": 1.0, "label-counts": counts})}), reply_to=instruction)
+
+
+@pytest.mark.parametrize(("preset", "labels"), [("paper", [0]), ("stable", [0, 1, 2])])
+def test_aggregate_uses_reply_counts_in_paper_preset(preset: str, labels: list[int]) -> None:
+    _, recs = _heads(2, 3, 6, seed=1)
+    s = FedGen(preset=preset, seed=0, generator_steps=2, hidden_dim=8, noise_dim=4)
+    s.nodes = _infos([[1, 1, 1], [1, 1, 1]])
+    s.current = {"mlp": recs[0]}
+    replies = [_reply(100, recs[0], [4, 1, 1]), _reply(101, recs[1], [1, 1, 1])]
+    assert reply_label_counts(replies).tolist() == [[4, 1, 1], [1, 1, 1]]
+    _, metrics = s.aggregate_train(1, replies)
+    assert s.generator_labels == labels
+    assert metrics is not None and "label-counts" not in metrics
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return build_world(load_scenario(str(ROOT / "scenarios" / "quickstart.yaml")))
+
+
+def test_client_reply_reports_drawn_counts(world: World, tmp_path: Path) -> None:
+    cfg = dict(train_config_record(world.scenario.clients.train, seed=0))
+    cfg.update(FedGen(preset="paper").client_config(1))
+    env = ClientEnv(cid=2, world=world, store=StateStore(tmp_path), config=ConfigRecord(
+        {**cfg, "server-round": 1}))
+    model = world.new_model(env.arch, seed=0)
+    msg = Message(RecordDict({"arrays": state_dict_to_arrayrecord(model.state_dict()),
+                              "config": env.config}), dst_node_id=1, message_type=TRAIN_TYPE)
+    reply = train_fedgen(msg, env)
+    got = reply.metric_records["metrics"]["label-counts"]
+    y, train = env.data.y, env.train_config
+    want = torch.ones(world.data.num_classes, dtype=torch.long)
+    for idx in batch_indices(len(y), train.batch_size, torch.Generator().manual_seed(env.seed()),
+                             epochs=train.epochs, steps=train.steps):
+        want += torch.bincount(y[idx], minlength=len(want))
+    assert got == want.tolist() and sum(got) > world.data.num_classes
+    assert env.train_config.lr == 0.01 and env.train_config.momentum == 0.0
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_two_rounds_bytes(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -288,3 +435,25 @@ def test_cli_two_rounds_bytes(tmp_path: Path) -> None:
     teachers = pq.read_table(run / "teachers.parquet").to_pylist()
     assert sorted({r["round"] for r in teachers}) == [1, 2]
     assert sum(r["weight"] for r in teachers if r["round"] == 1) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_cli_paper_preset_two_rounds(tmp_path: Path) -> None:
+    """The paper preset end to end: same traffic as the stable one (label counts travel as
+    metrics), teacher weights from the drawn counts sum to one every round."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedkd.cli", "simulate", "scenarios/quickstart.yaml",
+         "--set", "strategy.name=fedgen", "--set", "strategy.params.preset=paper",
+         "--set", "rounds=2", "--out", str(tmp_path), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["failures"] for r in rows] == [0, 0]
+    assert all(0.0 <= r["acc"] <= 1.0 for r in rows)
+    model_bytes = array_bytes(state_dict_to_arrayrecord(
+        build_model("cnn_small", (1, 8, 8), 10, seed=0).state_dict()))
+    assert all(r["bytes_up"] == 10 * model_bytes for r in rows)
+    teachers = pq.read_table(run / "teachers.parquet").to_pylist()
+    for rnd in (1, 2):
+        assert sum(r["weight"] for r in teachers if r["round"] == rnd) == pytest.approx(1.0)

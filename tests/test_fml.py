@@ -6,6 +6,7 @@ import copy
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 from fedkd.client import ClientEnv, train_config_record
 from fedkd.comm import split_groups
 from fedkd.compose import from_dict
+from fedkd.distill import kd_kl
 from fedkd.errors import ScenarioError
 from fedkd.scenario import load_raw
 from fedkd.state import StateStore
@@ -26,7 +28,16 @@ from fedkd.train import fit, sgd
 from fedkd.world import World, cached_world
 from strategies import get_strategy
 from strategies.fedavg import NodeInfo
-from strategies.fml import FML, mutual_losses, train_fml
+from strategies.fml import (
+    FML,
+    REFERENCE_WEIGHT_DECAY,
+    load_optimizer_state,
+    mutual_kl_term,
+    mutual_losses,
+    mutual_optimizer,
+    optimizer_state,
+    train_fml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
@@ -72,6 +83,98 @@ def test_mutual_losses_detach_the_peer() -> None:
     (gp_from_lm,) = torch.autograd.grad(lm, p, allow_unused=True)
     (gm_from_lp,) = torch.autograd.grad(lp, m, allow_unused=True)
     assert gp_from_lm is None and gm_from_lp is None
+
+
+def test_kl_reduction_batchmean_mean_sum() -> None:
+    """Two samples, two classes: row 0 is KL((1/2, 1/2) ‖ (3/4, 1/4)) = ½ ln 4/3, row 1 is 0.
+    batchmean divides the sum by N = 2 (the reference's), mean by N·C = 4, sum not at all."""
+    private = torch.tensor([[LN3, 0.0], [0.0, 0.0]])
+    meme = torch.zeros(2, 2)
+    y = torch.tensor([0, 1])
+    got = {r: float(mutual_losses(private, meme, y, alpha=0.0, reduction=r)[0])
+           for r in ("batchmean", "mean", "sum")}
+    assert got == pytest.approx({"batchmean": KL_MEME_PRIVATE / 2, "mean": KL_MEME_PRIVATE / 4,
+                                 "sum": KL_MEME_PRIVATE})
+    # batchmean is fedkd's kd_kl, so the default reproduces the earlier losses exactly
+    assert torch.equal(mutual_kl_term(private, meme), kd_kl(private, meme))
+    lp, lm = mutual_losses(private, meme, y, 0.3, 0.6, reduction="mean")
+    assert float(lm) == pytest.approx(0.6 * CE_MEME + 0.4 * KL_PRIVATE_MEME / 4)
+    assert float(lp) == pytest.approx(0.3 * float(F.cross_entropy(private, y))
+                                      + 0.7 * KL_MEME_PRIVATE / 4)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_reference_optimizers_equal_two_torch_optimizers(kind: str) -> None:
+    """One optimizer with a group per model = the reference's two (``Node.init_optimizer``):
+    SGD(lr, momentum, weight_decay=5e-4) or Adam(lr, weight_decay=1e-4), one per model."""
+    torch.manual_seed(1)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    private, meme = nn.Linear(4, 3), nn.Linear(4, 3)
+    p2, m2 = copy.deepcopy(private), copy.deepcopy(meme)
+    cfg = from_dict({"clients": {"train": {"lr": 0.1, "momentum": 0.9,
+                                           "weight_decay": 0.01}}}).clients.train
+    batches = [torch.arange(0, 6), torch.arange(6, 12), torch.arange(0, 12)]
+
+    def joint(idx: torch.Tensor) -> torch.Tensor:
+        lp, lm = mutual_losses(private(x[idx]), meme(x[idx]), y[idx])
+        return lp + lm
+
+    fit(nn.ModuleList([private, meme]), mutual_optimizer(kind, private, meme, cfg),
+        iter(batches), joint)
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        if kind == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        return torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=1e-4)
+
+    assert REFERENCE_WEIGHT_DECAY == {"sgd": 5e-4, "adam": 1e-4}
+    opt_p, opt_m = make(p2), make(m2)
+    for idx in batches:
+        opt_p.zero_grad()
+        opt_m.zero_grad()
+        lp, lm = mutual_losses(p2(x[idx]), m2(x[idx]), y[idx])
+        (lp + lm).backward()
+        opt_p.step()
+        opt_m.step()
+    for a, b in zip([*private.parameters(), *meme.parameters()],
+                    [*p2.parameters(), *m2.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_private_optimizer_state_round_trip(kind: str) -> None:
+    """Saving the private model's state and loading it into a fresh optimizer continues the
+    run exactly as if the optimizer had been kept (the reference's persistent optimizer)."""
+    torch.manual_seed(2)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    cfg = from_dict({}).clients.train
+    private, meme = nn.Linear(4, 3), nn.Linear(4, 3)
+    kept_p, kept_m = copy.deepcopy(private), copy.deepcopy(meme)
+
+    def loss_of(p: nn.Module, m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda idx: sum(mutual_losses(p(x[idx]), m(x[idx]), y[idx]))
+
+    kept = mutual_optimizer(kind, kept_p, kept_m, cfg)
+    fit(nn.ModuleList([kept_p, kept_m]), kept, iter([torch.arange(8)] * 2),
+        loss_of(kept_p, kept_m))  # two steps with one optimizer kept throughout
+    first = mutual_optimizer(kind, private, meme, cfg)
+    fit(nn.ModuleList([private, meme]), first, iter([torch.arange(8)]), loss_of(private, meme))
+    saved = optimizer_state(first, list(private.parameters()))
+    after_p, after_m = copy.deepcopy(private), copy.deepcopy(meme)
+    assert sorted(saved) == sorted(f"{i}.{n}" for i in range(2) for n in (
+        ["momentum_buffer"] if kind == "sgd" else ["exp_avg", "exp_avg_sq", "step"]))
+    # round 2: a fresh optimizer with the private state restored (the meme's starts afresh,
+    # which cannot reach the private model's update: its KL target is detached)
+    second = mutual_optimizer(kind, private, meme, cfg)
+    load_optimizer_state(second, list(private.parameters()), saved)
+    fit(nn.ModuleList([private, meme]), second, iter([torch.arange(8)]), loss_of(private, meme))
+    for a, b in zip(private.parameters(), kept_p.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    # without the saved state the private update differs (momentum / moments restart)
+    restart = mutual_optimizer(kind, after_p, after_m, cfg)
+    fit(nn.ModuleList([after_p, after_m]), restart, iter([torch.arange(8)]),
+        loss_of(after_p, after_m))
+    assert not torch.allclose(after_p.weight, kept_p.weight)
 
 
 def test_one_optimizer_over_both_equals_two_optimizers() -> None:
@@ -135,6 +238,10 @@ def test_meme_arch_defaults_to_first_group_and_is_checked(hetero_world: World) -
         FML(meme_arch="resnet8").bind(hetero_world)
     with pytest.raises(ScenarioError, match="alpha"):
         FML(alpha=1.5)
+    for key, value in (("optimizer", "rmsprop"), ("kl_reduction", "none")):
+        with pytest.raises(ScenarioError) as err:
+            FML(**{key: value})
+        assert err.value.path == f"strategy.params.{key}"
 
 
 def _rec(value: float) -> ArrayRecord:
@@ -163,6 +270,7 @@ def test_messages_carry_the_meme_and_aggregation_ignores_private_archs(
         cfg = m.content.config_records["config"]
         assert (cfg["meme-arch"], cfg["alpha"], cfg["beta"], cfg["server-round"]) == (
             "cnn_small", 0.3, 0.7, 4)
+        assert (cfg["optimizer"], cfg["kl-reduction"]) == ("joint", "batchmean")
     arrays, metrics = s.aggregate_train(4, [_reply(10, 1.0, 1), _reply(11, 5.0, 3)])
     assert arrays is not None and list(arrays) == ["cnn_small.w", "cnn_small.n"]
     np.testing.assert_array_equal(arrays["cnn_small.w"].numpy(), [4.0, 4.0])
@@ -217,6 +325,31 @@ def test_client_trains_both_and_keeps_the_private_model(hetero_world: World,
     again = train_fml(msg, env_b).array_records["arrays"]
     for k in sent:
         np.testing.assert_array_equal(sent[k].numpy(), again[k].numpy())
+
+
+def test_client_keeps_the_private_optimizer_state_with_reference_optimizers(
+        hetero_world: World, tmp_path: Path) -> None:
+    s = FML(optimizer="sgd")
+    s.bind(hetero_world)
+    meme_arrays = split_groups(s.initial_arrays(hetero_world))["cnn_small"]
+    cid = hetero_world.archs.index("mlp")
+    scn = hetero_world.scenario
+    store = StateStore(tmp_path)
+    for kind in ("joint", "sgd"):
+        config = ConfigRecord({**dict(train_config_record(scn.clients.train, scn.seed)),
+                               "server-round": 1, "meme-arch": "cnn_small",
+                               "optimizer": kind, "kl-reduction": "sum"})
+        env = ClientEnv(cid=cid, world=hetero_world, store=store, config=config)
+        out = train_fml(Message(RecordDict({"arrays": meme_arrays, "config": config}),
+                                dst_node_id=1, message_type="train.fml"), env)
+        assert float(out.metric_records["metrics"]["train-loss"]) > 0
+        saved = store.load(cid, "optimizer")
+        if kind == "joint":
+            assert saved is None  # joint: nothing persists but the private model
+    private = list(hetero_world.new_model("mlp", 0).parameters())
+    assert saved is not None and len(saved) == len(private)  # one momentum buffer each
+    for i, p in enumerate(private):
+        assert saved[f"{i}.momentum_buffer"].shape == p.shape
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkd.data.partition import PARTITIONERS, class_counts, skew
+from fedkd.data.partition import (
+    LOCAL_TEST_STREAM,
+    PARTITIONERS,
+    class_counts,
+    local_test_size,
+    skew,
+    split_local_test,
+)
 from fedkd.errors import ScenarioError
 
 NUM_CLASSES = 10
@@ -140,3 +147,55 @@ def test_class_counts_and_skew_values() -> None:
     assert counts.tolist() == [[2, 0, 0], [0, 2, 0]]
     assert skew(counts) == pytest.approx(0.5)
     assert skew(class_counts(labels, [np.array([0, 2]), np.array([1, 3])], 3)) == 0.0
+
+
+# ----------------------------------------------------------------------------- local test
+
+
+def test_local_test_size_rounding() -> None:
+    # round half up, at least one when the fraction is positive, never the whole client
+    assert [local_test_size(10, f) for f in (0.0, 0.04, 0.05, 0.25, 0.3, 0.99)] == [
+        0, 1, 1, 3, 3, 9]
+    assert local_test_size(1, 0.5) == 0 and local_test_size(2, 0.9) == 1
+
+
+def test_split_local_test_stratified_exact() -> None:
+    labels = np.array([0] * 6 + [1] * 3 + [2])  # one client: 6, 3, 1 samples of classes 0-2
+    part = np.arange(10)
+    train, test = split_local_test(labels, [part], 0.3, seed=5)
+    # 3 test samples; shares 1.8, 0.9, 0.3 -> floors 1, 0, 0, the two largest remainders
+    # (class 1: 0.9, class 0: 0.8) get one more -> 2, 1, 0
+    assert np.bincount(labels[test[0]], minlength=3).tolist() == [2, 1, 0]
+    rng = np.random.default_rng([5, LOCAL_TEST_STREAM, 0])
+    expected = np.sort(np.concatenate([rng.permutation(np.arange(6))[:2],
+                                       rng.permutation(np.arange(6, 9))[:1],
+                                       rng.permutation(np.arange(9, 10))[:0]]))
+    assert test[0].tolist() == expected.tolist()
+    assert train[0].tolist() == np.setdiff1d(part, expected).tolist()
+
+
+def test_split_local_test_disjoint_cover_and_reproducible() -> None:
+    parts = PARTITIONERS.get("dirichlet")(LABELS, 8, NUM_CLASSES, 0, alpha=0.3)
+    train, test = split_local_test(LABELS, parts, 0.2, seed=0)
+    again, _ = split_local_test(LABELS, parts, 0.2, seed=0)
+    other, _ = split_local_test(LABELS, parts, 0.2, seed=1)
+    for p, tr, te in zip(parts, train, test, strict=True):
+        assert tr.dtype == te.dtype == np.int64
+        assert not np.intersect1d(tr, te).size
+        assert np.array_equal(np.sort(np.concatenate([tr, te])), p)
+        assert len(te) == local_test_size(len(p), 0.2)
+        # stratified: each class's test count is within one of its share
+        share = class_counts(LABELS, [p], NUM_CLASSES)[0] * len(te) / len(p)
+        assert np.all(np.abs(class_counts(LABELS, [te], NUM_CLASSES)[0] - share) < 1)
+    assert all(np.array_equal(a, b) for a, b in zip(train, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(train, other, strict=True))
+
+
+def test_zero_local_test_fraction_keeps_parts() -> None:
+    parts = PARTITIONERS.get("iid")(LABELS, 4, NUM_CLASSES, 2)
+    train, test = split_local_test(LABELS, parts, 0.0, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(train, parts, strict=True))
+    assert [len(t) for t in test] == [0, 0, 0, 0]
+    with pytest.raises(ScenarioError) as err:
+        split_local_test(LABELS, parts, 1.0, seed=2)
+    assert err.value.path == "data.local_test_fraction"

@@ -84,6 +84,29 @@ def test_plot_accuracy(tmp_path: Path) -> None:
     assert _is_png(out)
 
 
+def test_accuracy_figure_draws_personalised_accuracy() -> None:
+    rows = [{"round": r, "acc": 0.1 * r, "acc-min": 0.05 * r, "local-acc": 0.2 * r,
+             "local-acc-worst10": 0.1 * r, "local-acc-std": 0.01, "local-loss": 1.0,
+             "bytes_down_cum": r, "bytes_up_cum": 0} for r in (1, 2)]
+    ax_round = accuracy_figure(rows).axes[0]
+    labels = [line.get_label() for line in ax_round.get_lines()]
+    assert labels == ["acc", "acc-min", "local-acc", "local-acc-worst10"]  # no std, no loss
+    local = ax_round.get_lines()[2]
+    assert list(local.get_xdata()) == [1, 2]
+    assert list(local.get_ydata()) == pytest.approx([0.2, 0.4])
+
+
+def test_parquet_log_keeps_personalised_columns(tmp_path: Path) -> None:
+    log = ParquetLog(tmp_path / "metrics.parquet")
+    log.append({"round": 1, "acc": 0.5})
+    log.append({"round": 2, "acc": 0.6, "local-acc": 0.75, "local-acc-worst10": 0.25,
+                "local-acc-std": 0.125})
+    rows = _read(log.path)
+    assert rows[0]["local-acc"] is None
+    assert (rows[1]["local-acc"], rows[1]["local-acc-worst10"], rows[1]["local-acc-std"]) == (
+        0.75, 0.25, 0.125)
+
+
 def test_plot_accuracy_without_acc(tmp_path: Path) -> None:
     out = tmp_path / "empty.png"
     plot_accuracy([{"round": 1, "bytes_down_cum": 0, "bytes_up_cum": 0}], out)

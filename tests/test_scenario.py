@@ -97,6 +97,15 @@ def test_empty_mapping_gives_defaults() -> None:
                                       ray_address=None, threads=1)
 
 
+def test_new_data_fractions_default_to_off() -> None:
+    data = from_dict({}).data
+    assert data.weight_fraction == 0.0 and data.local_test_fraction == 0.0
+    scn = from_dict({"data": {"val_fraction": 0.1, "weight_fraction": 0.05,
+                              "local_test_fraction": 0.2}})
+    assert (scn.data.weight_fraction, scn.data.local_test_fraction) == (0.05, 0.2)
+    assert from_dict(to_dict(scn)) == scn
+
+
 def test_none_sections_mean_defaults() -> None:
     assert from_dict({"data": None, "clients": None}) == Scenario()
 
@@ -263,13 +272,22 @@ def test_override_through_a_scalar() -> None:
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction",
          "data.val_fraction: got 1.0; allowed: a number in [0, 1)"),
         ({"data": {"val_fraction": -0.1}}, "data.val_fraction", None),
+        ({"data": {"local_test_fraction": 1.0}}, "data.local_test_fraction",
+         "data.local_test_fraction: got 1.0; allowed: a number in [0, 1)"),
+        ({"data": {"local_test_fraction": "x"}}, "data.local_test_fraction", None),
+        ({"data": {"weight_fraction": -0.1}}, "data.weight_fraction",
+         "data.weight_fraction: got -0.1; allowed: a number in [0, 1)"),
+        ({"data": {"val_fraction": 0.5, "public": {"fraction": 0.25}, "weight_fraction": 0.25}},
+         "data.weight_fraction",
+         "data.weight_fraction: got 0.25; allowed: a number below 0.25 (val_fraction + "
+         "public.fraction + weight_fraction must leave data for clients)"),
         ({"rounds": 0}, "rounds", "rounds: got 0; allowed: an integer > 0"),
         ({"clients": {"train": {"steps": 0}}}, "clients.train.steps",
          "clients.train.steps: got 0; allowed: an integer > 0"),
         ({"clients": {"train": {"weight_decay": -1}}}, "clients.train.weight_decay",
          "clients.train.weight_decay: got -1; allowed: a number >= 0"),
         ({"engine": {"name": "spark"}}, "engine.name",
-         "engine.name: got 'spark'; allowed: 'ray' or 'flower'"),
+         "engine.name: got 'spark'; allowed: 'ray' or 'flower' or 'inline'"),
         ({"clients": {"models": [{"arch": "mlp", "fraction": 0.5},
                                  {"arch": "cnn_small", "fraction": 0.3}]}}, "clients.models",
          "clients.models: got [0.5, 0.3]; allowed: fractions that sum to 1"),

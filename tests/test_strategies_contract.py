@@ -25,8 +25,8 @@ from strategies import STRATEGIES, get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
-BUILT_IN = ["dml", "fedavg", "feddf", "fedftg", "fedgen", "fedgkd", "fedmd", "fedntd", "fml",
-            "local"]
+BUILT_IN = ["dml", "dsfl", "fd", "fedavg", "fedbe", "feddf", "fedftg", "fedgen", "fedgkd",
+            "fedmd", "fedntd", "fedproto", "fml", "local"]
 ALL = sorted(set(STRATEGIES.names()))  # imports every module of the package
 
 #: Tiny runs: 4 clients, 2 rounds, a few local steps.
@@ -36,9 +36,9 @@ TOY = ["rounds=2", "clients.num=4", "clients.train.steps=3", "clients.train.batc
 #: Parameters that keep each strategy's server-side work small on toy data.
 SMALL: dict[str, dict[str, Any]] = {
     "dml": {"public_size": 40},
-    "dsfl": {},
+    "dsfl": {"open_size": 40},
     "feddf": {"distill_steps": 4, "eval_interval": 2},
-    "fedbe": {},
+    "fedbe": {"num_samples": 2, "distill_steps": 4},
     "fedftg": {"rounds_inner": 1, "gen_steps": 2, "ft_steps": 2, "batch_size": 16,
                "gen_width": 8},
     "fedgen": {"generator_steps": 2},
@@ -51,6 +51,10 @@ OFF_SWITCH: dict[str, tuple[dict[str, Any], str]] = {
     "fedftg": ({"rounds_inner": 0}, "fedavg"),
     "fedntd": ({"beta": 0.0}, "fedavg"),
     "fedgkd": ({"gamma": 0.0}, "fedavg"),
+    "fedbe": ({"num_samples": 0, "use_clients": False, "distill_steps": 0}, "fedavg"),
+    "fd": ({"beta": 0.0}, "local"),
+    "fedproto": ({"lamda": 0.0}, "local"),
+    "dsfl": ({"distill_epochs": 0}, "local"),
 }
 
 

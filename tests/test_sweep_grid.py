@@ -26,6 +26,7 @@ def test_a_bad_combination_names_its_grid_point(tmp_path: Path) -> None:
     assert not any((tmp_path / "s").rglob("summary.json"))
 
 
+@pytest.mark.slow
 def test_sweep_of_strategies_by_weightings(tmp_path: Path) -> None:
     """The study the sweep exists for: one weighting across several distillation algorithms."""
     out = tmp_path / "sweep"

@@ -176,6 +176,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 SWEEP_SETS = ("rounds=1", "clients.num=4", "clients.train.epochs=1")
 
 
+@pytest.mark.slow
 def test_sweep_resume_and_report(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     args = ["sweep", "scenarios/quickstart.yaml", "--grid", "clients.train.lr=0.05,0.1",

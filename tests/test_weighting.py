@@ -7,13 +7,17 @@ import math
 import pytest
 import torch
 
+from fedkd.data.base import TensorSplit
+from fedkd.data.bundle import DataBundle
 from fedkd.errors import ScenarioError
 from strategies.weighting import (
     WEIGHTINGS,
     TeacherContext,
     class_weights,
     make_weighting,
+    uses_labels,
     weight_rows,
+    weighting_split,
 )
 
 # 3 teachers, 2 samples, 3 classes
@@ -158,3 +162,28 @@ def test_weight_rows_mean_and_per_class() -> None:
         {"client": 7, "class": 1, "weight": 0.375}, {"client": 9, "class": 1, "weight": 0.625},
     ]
     assert len(weight_rows([7, 9], w)) == 2
+
+
+def _split(n: int) -> TensorSplit:
+    return TensorSplit(torch.zeros(n, 2), torch.zeros(n, dtype=torch.int64))
+
+
+def test_only_validation_and_learned_use_labels() -> None:
+    flagged = [n for n in WEIGHTINGS.names() if uses_labels(make_weighting(n))]
+    assert flagged == ["learned", "validation"]
+
+
+def test_weighting_split_prefers_the_separate_weight_split() -> None:
+    val, weight = _split(4), _split(3)
+    bundle = DataBundle(pool=_split(10), test=_split(2), val=val, public=None,
+                        public_labeled=False, num_classes=2, input_shape=(2,), name="toy")
+    assert weighting_split(bundle) == (val, True)  # data.weight_fraction 0: shares val
+    split, shared = weighting_split(DataBundle(**{**bundle.__dict__, "weight": weight}))
+    assert split is weight and shared is False
+    assert weighting_split(DataBundle(**{**bundle.__dict__, "val": None})) == (None, True)
+
+
+def test_label_using_weightings_name_both_splits_when_none_is_given() -> None:
+    for name in ("validation", "learned"):
+        with pytest.raises(ValueError, match="data.weight_fraction > 0 or data.val_fraction"):
+            make_weighting(name)(LOGITS, CTX)

@@ -1,4 +1,10 @@
-"""Carve a loaded dataset into the client pool, server validation split and public set."""
+"""Carve a loaded dataset into the client pool, the server's labeled splits and public set.
+
+One seeded permutation of the train split is cut, in this order, into the validation split
+(``val_fraction``), the public set (``public_fraction``), the weighting split
+(``weight_fraction``) and the client pool (the rest). A fraction of 0 takes nothing, so
+adding a split with fraction 0 leaves every other split, and the partition, unchanged.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ class DataBundle:
     test : TensorSplit
         Global test set.
     val : TensorSplit or None
-        Server validation split held out from the train set.
+        Server validation split held out from the train set (early stopping).
     public : TensorSplit or None
         Public/proxy set for distillation. Its labels are kept in the tensor, but strategies
         may use them only when ``public_labeled`` is true.
@@ -33,6 +39,9 @@ class DataBundle:
         Shape of one sample.
     name : str
         Name of the private dataset.
+    weight : TensorSplit or None
+        Labeled server split on which label-using teacher weightings fit, disjoint from
+        ``val`` (None: they fit on ``val``; see :func:`strategies.weighting.weighting_split`).
     """
 
     pool: TensorSplit
@@ -43,6 +52,7 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+    weight: TensorSplit | None = None
 
 
 def _check_fraction(path: str, value: float) -> float:
@@ -62,21 +72,28 @@ def _count(fraction: float, n: int) -> int:
 
 
 def _held_out(
-    n: int, val_fraction: float, public_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Disjoint sorted index arrays (val, public, pool) covering ``range(n)``."""
-    n_val, n_pub = _count(val_fraction, n), _count(public_fraction, n)
-    if n_val + n_pub >= n:
+    n: int,
+    val_fraction: float,
+    public_fraction: float,
+    rng: np.random.Generator,
+    weight_fraction: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint sorted index arrays (val, public, weight, pool) covering ``range(n)``.
+
+    One permutation is cut in that order, so a zero ``weight_fraction`` leaves val, public
+    and pool exactly as without it.
+    """
+    sizes = [_count(val_fraction, n), _count(public_fraction, n), _count(weight_fraction, n)]
+    if sum(sizes) >= n:
         raise ScenarioError(
             "data.val_fraction",
             val_fraction,
-            f"fractions leaving training samples (val + public take {n_val + n_pub} of {n})",
+            f"fractions leaving training samples (val + public + weight take {sum(sizes)} "
+            f"of {n})",
         )
     perm = rng.permutation(n)
-    val = np.sort(perm[:n_val])
-    pub = np.sort(perm[n_val : n_val + n_pub])
-    pool = np.sort(perm[n_val + n_pub :])
-    return val, pub, pool
+    val, pub, weight, pool = np.split(perm, np.cumsum(sizes))
+    return np.sort(val), np.sort(pub), np.sort(weight), np.sort(pool)
 
 
 def _external_public(
@@ -116,8 +133,9 @@ def build_bundle(
     public_labeled: bool = False,
     public_dataset: LoadedDataset | None = None,
     public_size: int | None = None,
+    weight_fraction: float = 0.0,
 ) -> DataBundle:
-    """Split ``dataset`` into pool, validation and public sets.
+    """Split ``dataset`` into pool, validation, public and weighting sets.
 
     Parameters
     ----------
@@ -137,11 +155,14 @@ def build_bundle(
     public_size : int or None
         With ``public_dataset``: keep only the first ``public_size`` samples of a seeded
         permutation of its train split.
+    weight_fraction : float
+        Fraction of the train split held out as the labeled weighting split (taken after
+        the public set; 0: none, and every other split is as without it).
 
     Returns
     -------
     DataBundle
-        The splits; ``val``/``public`` are None when not requested.
+        The splits; ``val``/``public``/``weight`` are None when not requested.
 
     Raises
     ------
@@ -152,12 +173,14 @@ def build_bundle(
     """
     val_fraction = _check_fraction("data.val_fraction", val_fraction)
     public_fraction = _check_fraction("data.public_fraction", public_fraction)
+    weight_fraction = _check_fraction("data.weight_fraction", weight_fraction)
     if public_dataset is not None and public_fraction > 0.0:
         raise ScenarioError(
             "data.public_fraction", public_fraction, "0 when a separate public dataset is given"
         )
     rng = np.random.default_rng(seed)
-    val_idx, pub_idx, pool_idx = _held_out(len(dataset.train), val_fraction, public_fraction, rng)
+    val_idx, pub_idx, weight_idx, pool_idx = _held_out(
+        len(dataset.train), val_fraction, public_fraction, rng, weight_fraction)
     public: TensorSplit | None = None
     if public_dataset is not None:
         public = _external_public(dataset, public_dataset, public_size, public_labeled, rng)
@@ -172,4 +195,5 @@ def build_bundle(
         num_classes=dataset.num_classes,
         input_shape=tuple(dataset.input_shape),
         name=dataset.name,
+        weight=dataset.train.subset(weight_idx) if len(weight_idx) > 0 else None,
     )

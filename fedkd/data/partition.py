@@ -3,6 +3,8 @@
 Every partitioner has the signature
 ``fn(labels, num_clients, num_classes, seed, **params) -> list[np.ndarray]`` and returns one
 sorted int64 index array per client; the arrays are disjoint and cover every sample.
+:func:`split_local_test` then holds out a stratified local test split of each client's part
+(``data.local_test_fraction``).
 """
 
 from __future__ import annotations
@@ -306,6 +308,91 @@ def quantity(
     sizes = _lognormal_sizes(labels.size, num_clients, float(sigma), min_size, rng)
     perm = rng.permutation(labels.size)
     return _finish(np.split(perm, np.cumsum(sizes)[:-1]))
+
+
+# ----------------------------------------------------------------------------- local test
+
+
+def _stratified_quota(class_sizes: np.ndarray, n_test: int) -> np.ndarray:
+    """Per-class test counts summing to ``n_test``, proportional to ``class_sizes``.
+
+    Largest-remainder rounding (ties to the lower class id): each class gets the floor of
+    its share, and the classes with the largest fractional parts get one more.
+    """
+    n = int(class_sizes.sum())
+    ideal = class_sizes * (n_test / n)
+    quota = np.floor(ideal).astype(np.int64)
+    order = np.argsort(-(ideal - quota), kind="stable")
+    quota[order[: n_test - int(quota.sum())]] += 1
+    return quota
+
+
+def local_test_size(n: int, fraction: float) -> int:
+    """Samples of an ``n``-sample client that go to its local test split.
+
+    ``round(fraction * n)`` (halves up), at least one when ``fraction > 0``, and never all:
+    a client keeps at least one training sample, so a one-sample client has no local test.
+    """
+    if fraction <= 0.0 or n < 2:
+        return 0
+    return min(n - 1, max(1, int(math.floor(fraction * n + 0.5))))
+
+
+def split_local_test(
+    labels: np.ndarray, parts: list[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every client's samples into its training part and a local test split.
+
+    The split is stratified by label, so the local test split follows the client's own
+    label distribution: client ``c`` holding ``n`` samples, ``n_k`` of class ``k``, puts
+    :func:`local_test_size` ``(n, fraction)`` samples in its test split, split over classes
+    by largest-remainder rounding of ``n_test * n_k / n``, each class's samples drawn
+    uniformly with ``np.random.default_rng([seed, LOCAL_TEST_STREAM, c])``.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Integer labels of the pool.
+    parts : list of numpy.ndarray
+        Each client's indices into the pool (from a partitioner).
+    fraction : float
+        Share of each client's samples held out, in [0, 1); 0 returns ``parts`` unchanged
+        and empty test splits.
+    seed : int
+        Scenario seed.
+
+    Returns
+    -------
+    tuple of (list of numpy.ndarray, list of numpy.ndarray)
+        Sorted int64 training and test indices per client; for each client the two are
+        disjoint and their union is its part.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= fraction < 1.0:
+        raise ScenarioError("data.local_test_fraction", fraction, "a number in [0, 1)")
+    empty = np.zeros(0, dtype=np.int64)
+    if fraction == 0.0:
+        return _finish(parts), [empty.copy() for _ in parts]
+    train, test = [], []
+    for cid, part in enumerate(parts):
+        part = np.asarray(part, dtype=np.int64)
+        n_test = local_test_size(len(part), fraction)
+        if n_test == 0:
+            train.append(np.sort(part))
+            test.append(empty.copy())
+            continue
+        rng = np.random.default_rng([seed, LOCAL_TEST_STREAM, cid])
+        classes, sizes = np.unique(labels[part], return_counts=True)
+        chosen = [rng.permutation(part[labels[part] == k])[:q]
+                  for k, q in zip(classes, _stratified_quota(sizes, n_test), strict=True)]
+        held = np.sort(np.concatenate(chosen))
+        test.append(held)
+        train.append(np.setdiff1d(part, held))
+    return train, test
+
+
+#: Seed stream of :func:`split_local_test` (keeps its draws apart from the partitioners').
+LOCAL_TEST_STREAM = 0x10CA1
 
 
 # ----------------------------------------------------------------------------- statistics

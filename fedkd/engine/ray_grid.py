@@ -12,19 +12,22 @@ back as error replies (``WorkerDied``), counted as failures, and later rounds ru
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import ray
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Error, Message
 
 from fedkd.client import WorldSource
 from fedkd.compose import client_app
+from fedkd.engine.inline import (
+    NODE_BASE,
+    SERVER_NODE_ID,
+    BatchGrid,
+    run_batch,
+    set_task_identity,
+)
 from fedkd.errors import ScenarioError
 from fedkd.faults import ERROR_CODE_CLIENT
 from fedkd.world import World, install_world
@@ -34,35 +37,6 @@ LOG = logging.getLogger("fedkd")
 
 class WorkerDied(RuntimeError):
     """A client's worker process died while it held the client's message."""
-
-
-#: Node ids are ``NODE_BASE + partition id`` (kept clear of Flower's reserved ids).
-NODE_BASE = 1 << 20
-RUN_ID = 1
-SERVER_NODE_ID = 1
-
-
-def set_task_identity(node_id: int) -> None:
-    """Give this process the Flower task identity that ``Message(...)`` requires."""
-    TaskIdentity.run_id = RUN_ID
-    TaskIdentity.node_id = node_id
-    TaskIdentity.task_id = 1
-
-
-def run_batch(app: object, batch: Sequence[tuple[int, Message]],
-              num_clients: int) -> list[Message]:
-    """Run the ClientApp on each ``(partition id, message)``; exceptions become error replies."""
-    replies = []
-    for cid, msg in batch:
-        ctx = Context(run_id=RUN_ID, node_id=NODE_BASE + cid,
-                      node_config={"partition-id": cid, "num-partitions": num_clients},
-                      state=RecordDict(), run_config={})
-        try:
-            replies.append(app(msg, ctx))  # type: ignore[operator]
-        except Exception as exc:  # noqa: BLE001 - a failing client must not stop the run
-            replies.append(Message(Error(ERROR_CODE_CLIENT, f"{type(exc).__name__}: {exc}"),
-                                   reply_to=msg))
-    return replies
 
 
 @ray.remote
@@ -95,7 +69,7 @@ def balance(costs: Sequence[float], bins: int) -> list[list[int]]:
     return [sorted(o) for o in out]
 
 
-class RayGrid(Grid):
+class RayGrid(BatchGrid):
     """A Flower Grid whose nodes are the scenario's clients, executed by Ray actors.
 
     Parameters
@@ -116,8 +90,7 @@ class RayGrid(Grid):
 
     def __init__(self, world: World, source: WorldSource, actors: int, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, start_timeout: float = 300.0) -> None:
-        set_task_identity(SERVER_NODE_ID)
-        self.num_clients = world.num_clients
+        super().__init__(world.num_clients)
         self.costs = [max(len(p), 1) for p in world.parts]
         ref = ray.put(world)
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -132,57 +105,8 @@ class RayGrid(Grid):
             raise ScenarioError("engine.client_resources", opts,
                                 f"what the cluster can place within {start_timeout:g} s "
                                 f"({actors} actors; the cluster has {have})") from None
-        self._run = Run.create_empty(run_id=RUN_ID)
-        self._ids = itertools.count(1)
-        self._inbox: dict[str, Message] = {}
-
-    # ---------------------------------------------------------------- Grid interface
-    def set_run(self, run: Run) -> None:
-        """Set the run (kept for the Grid interface)."""
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        """Run information."""
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        """Create an instruction message from the server."""
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """All client node ids."""
-        return [NODE_BASE + cid for cid in range(self.num_clients)]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Run the messages now; their replies wait to be pulled by message id."""
-        msgs = list(messages)
-        ids = [self._assign_id(m) for m in msgs]
-        for mid, reply in zip(ids, self._execute(msgs, None), strict=True):
-            if reply is not None:
-                self._inbox[mid] = reply
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Replies of earlier pushed messages that have arrived."""
-        return [self._inbox.pop(m) for m in message_ids if m in self._inbox]
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        """Send messages, wait for the replies (at most ``timeout`` s), in sending order."""
-        msgs = list(messages)
-        for m in msgs:
-            self._assign_id(m)
-        return [r for r in self._execute(msgs, timeout) if r is not None]
 
     # ---------------------------------------------------------------- execution
-    def _assign_id(self, msg: Message) -> str:
-        mid = f"m{next(self._ids)}"
-        msg.metadata.__dict__["_message_id"] = mid
-        return mid
-
     def _execute(self, msgs: list[Message], timeout: float | None) -> list[Message | None]:
         if not msgs:
             return []

@@ -24,10 +24,13 @@ from fedkd.world import World
 
 
 def write_partition(world: World, run_dir: Path) -> None:
-    """``partition.parquet`` (one row per client: arch, size, count per class) and its heat-map."""
+    """``partition.parquet`` (one row per client: arch, training size, count per class, and
+    the local test size when clients hold local test splits) and its heat-map."""
     counts = world.counts
     table = {"client": list(range(world.num_clients)), "arch": list(world.archs),
              "num_examples": [int(c.sum()) for c in counts]}
+    if world.has_local_tests:
+        table["num_local_test"] = [len(t) for t in world.local_tests]
     for k in range(counts.shape[1]):
         table[f"class_{k}"] = [int(v) for v in counts[:, k]]
     pq.write_table(pa.table(table), run_dir / "partition.parquet")
@@ -100,7 +103,9 @@ class RunRecorder:
                 self._cid(nid)], "bytes_down": t.down, "bytes_up": t.up, "failed": t.failed,
              "train_loss": t.metrics.get("train-loss"),
              "num_examples": t.metrics.get("num-examples"),
-             "eval_acc": t.eval.get("eval-acc"), "eval_loss": t.eval.get("eval-loss")}
+             "eval_acc": t.eval.get("eval-acc"), "eval_loss": t.eval.get("eval-loss"),
+             **({"local_acc": t.eval.get("local-acc"), "local_loss": t.eval.get("local-loss")}
+                if self.world.has_local_tests else {})}
             for nid, t in sorted(res.traffic.items(), key=lambda kv: self._cid(kv[0]))
             if t.down or t.up or t.failed or t.metrics or t.eval])
         weights = getattr(self.strategy, "teacher_weights", {}).get(res.round)
@@ -123,10 +128,13 @@ class RunRecorder:
             self.prom.close()
         rows = self.metrics.rows
         accs = [r["acc"] for r in rows if r.get("acc") is not None and not math.isnan(r["acc"])]
+        local = [r["local-acc"] for r in rows
+                 if r.get("local-acc") is not None and not math.isnan(r["local-acc"])]
         summary = {
             "scenario": self.world.scenario.name, "status": status,
             "rounds": len(rows), "final_acc": accs[-1] if accs else None,
             "best_acc": max(accs) if accs else None,
+            **({"final_local_acc": local[-1]} if local else {}),
             "mb_sent": sum(self.cum) / 1e6, "mb_down": self.cum[0] / 1e6,
             "mb_up": self.cum[1] / 1e6,
             "wall_s": time.perf_counter() - self.start, "run_dir": str(self.run_dir),

@@ -15,8 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from torch import nn
 
 from fedkd.budget import Budgeted, BudgetExhausted
 from fedkd.checkpoint import from_safe, rng_state, set_rng_state, to_safe
@@ -24,9 +28,9 @@ from fedkd.client import train_config_record
 from fedkd.clock import Clock, ClockGrid, make_clock
 from fedkd.comm import GridWrapper, arrayrecord_to_state_dict, message_bytes, split_groups
 from fedkd.faults import ERROR_CODE_CLIENT, SIMULATED
-from fedkd.train import evaluate
+from fedkd.train import evaluate, predict
 from fedkd.wire import Refs, Wire, decode_replies, encode_cached, make_wire
-from fedkd.world import World
+from fedkd.world import World, local_summary
 
 
 @dataclass
@@ -186,7 +190,9 @@ def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict
     """Test accuracy and loss of every architecture group's global model.
 
     ``acc``/``loss`` are the means over groups weighted by how many clients run each group;
-    ``acc/<arch>`` and ``loss/<arch>`` are added when there is more than one group.
+    ``acc/<arch>`` and ``loss/<arch>`` are added when there is more than one group. With
+    local test splits (``data.local_test_fraction > 0``) the personalised metrics of the
+    global model are added too (:func:`local_evaluate`).
     """
     groups = split_groups(arrays)
     if not groups:
@@ -196,8 +202,9 @@ def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict
     out: dict[str, float] = {}
     acc = loss = 0.0
     total = sum(share[a] for a in groups) or 1
+    models: dict[str, nn.Module] = {}
     for arch, rec in groups.items():
-        model = world.new_model(arch, seed=0)
+        model = models[arch] = world.new_model(arch, seed=0)
         model.load_state_dict(arrayrecord_to_state_dict(rec))
         g_loss, g_acc = evaluate(model, test.x, test.y, batch_size)
         if len(groups) > 1:
@@ -205,7 +212,47 @@ def central_evaluate(world: World, arrays: ArrayRecord, batch_size: int) -> dict
         acc += g_acc * share[arch] / total
         loss += g_loss * share[arch] / total
     out["acc"], out["loss"] = acc, loss
+    out.update(local_evaluate(world, models, batch_size))
     return out
+
+
+def local_evaluate(world: World, models: dict[str, nn.Module],
+                   batch_size: int) -> dict[str, float]:
+    """Personalised metrics of the global model: each client's group model on its own local
+    test split (the world holds every client's split, so nothing is sent).
+
+    A client is scored with its architecture's model, or with the only model when there is
+    one group (e.g. FML's shared model); one forward pass per group over the concatenated
+    splits of its clients.
+
+    Returns
+    -------
+    dict[str, float]
+        :func:`fedkd.world.local_summary` of the per-client accuracies and losses
+        (``local-acc``, ``local-acc-worst10``, ``local-acc-std``, ``local-loss``); empty
+        without local test splits.
+    """
+    if not world.has_local_tests or not models:
+        return {}
+    only = next(iter(models.values())) if len(models) == 1 else None
+    by_model: dict[int, list[int]] = {}
+    for cid, arch in enumerate(world.archs):
+        model = models.get(arch, only)
+        if model is not None and len(world.local_tests[cid]):
+            by_model.setdefault(id(model), []).append(cid)
+    owners = {id(m): m for m in models.values()}
+    accs, losses = [], []
+    pool = world.data.pool
+    for key, cids in by_model.items():
+        idx = torch.from_numpy(np.concatenate([world.local_tests[c] for c in cids]))
+        logits = predict(owners[key], pool.x[idx], batch_size)
+        y = pool.y[idx]
+        sizes = [len(world.local_tests[c]) for c in cids]
+        hits = torch.split((logits.argmax(1) == y).double(), sizes)
+        nll = torch.split(F.cross_entropy(logits, y, reduction="none").double(), sizes)
+        accs += [float(h.mean()) for h in hits]
+        losses += [float(n.mean()) for n in nll]
+    return local_summary(accs, losses)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """``fedkd simulate``: build the world, open the run folder, run the rounds on an engine.
 
-Two engines run the same ServerApp logic and ClientApp:
+Three engines run the same ServerApp logic and ClientApp:
 
 - ``ray`` (default): :class:`~fedkd.engine.ray_grid.RayGrid` over a pool of Ray actors,
   local or attached to a cluster (``engine.ray_address``: ``auto`` or ``ray://host:port``);
-- ``flower``: Flower's own simulation runtime (``flwr.simulation.run_simulation``).
+- ``flower``: Flower's own simulation runtime (``flwr.simulation.run_simulation``);
+- ``inline``: every client in the driver process, one after another
+  (:class:`~fedkd.engine.inline.InlineGrid`; no Ray, for debugging and small machines).
 
 Ray and Flower log to ``engine.log`` in the run folder unless ``verbose``. Ray is always shut
 down when the run ends or fails, so no Ray process outlives the command.
@@ -184,7 +186,15 @@ def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
                    backend_config={"client_resources": resources}, verbose_logging=verbose)
 
 
-ENGINES = {"ray": run_on_ray, "flower": run_on_flower}
+def run_inline(world: World, source: WorldSource, engine: EngineConfig,
+               loop: Callable[[Grid], Any], verbose: bool) -> None:
+    """Run ``loop`` over the in-process grid: every client in this process."""
+    from fedkd.engine.inline import InlineGrid
+
+    loop(InlineGrid(world, source))
+
+
+ENGINES = {"ray": run_on_ray, "flower": run_on_flower, "inline": run_inline}
 
 
 def resume_state(run_dir: Path, strategy: Any) -> dict[str, Any]:
@@ -249,7 +259,9 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
             status = "failed"
             ends: list[str] = []
             try:
-                with ray_session(scn.engine, verbose):
+                session = (contextlib.nullcontext() if scn.engine.name == "inline"
+                           else ray_session(scn.engine, verbose))
+                with session:
                     ENGINES[scn.engine.name](
                         world, source, scn.engine,
                         lambda grid: ends.append(run_rounds(
