@@ -396,3 +396,16 @@ def assign_archs(specs: list[tuple[str, float]], num_clients: int, seed: int) ->
     archs = [arch for (arch, _), k in zip(specs, counts, strict=True) for _ in range(k)]
     order = np.random.default_rng(seed).permutation(num_clients)
     return [archs[i] for i in order]
+
+
+def one_latent_dim(dims: dict[str, int], why: str) -> int:
+    """The one latent width shared by every architecture group in ``dims``.
+
+    Raises
+    ------
+    ScenarioError
+        When the groups' latent widths differ (``why`` says what needs them equal).
+    """
+    if len(set(dims.values())) != 1:
+        raise ScenarioError("clients.models", dims, f"architectures sharing one latent_dim ({why})")
+    return next(iter(dims.values()))

@@ -94,6 +94,7 @@ from fedkd.feature_generator import (
     generator_loss,
     load_generator,
 )
+from fedkd.models import one_latent_dim
 from fedkd.scenario import TrainConfig
 from fedkd.train import device_of, train_supervised
 from fedkd.world import World
@@ -186,18 +187,8 @@ def resolve_preset(preset: str, **overrides: Any) -> ClientParams:
 
 # ---------------------------------------------------------------------------------- server
 def check_latent_dims(dims: dict[str, int]) -> int:
-    """The one latent width of all architecture groups (FedGen generates one latent space).
-
-    Raises
-    ------
-    ScenarioError
-        When the groups' latent widths differ.
-    """
-    if len(set(dims.values())) != 1:
-        raise ScenarioError("clients.models", dims,
-                            "architectures sharing one latent_dim (FedGen's generator "
-                            "produces features for every client's head)")
-    return next(iter(dims.values()))
+    """The one latent width of all architecture groups (:func:`fedkd.models.one_latent_dim`)."""
+    return one_latent_dim(dims, "FedGen's generator produces features for every client's head")
 
 
 def label_pool(label_counts: torch.Tensor, floor: float = 0) -> torch.Tensor:

@@ -53,6 +53,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedkd.client import ClientEnv, client_fn
 from fedkd.errors import ScenarioError
+from fedkd.models import one_latent_dim
 from fedkd.train import batch_indices, device_of, fit, sgd
 from fedkd.world import World
 from strategies import STRATEGIES
@@ -69,18 +70,8 @@ TRAIN_TYPE = f"{MessageType.TRAIN}.fedproto"
 
 
 def check_latent_dims(dims: dict[str, int]) -> int:
-    """The one latent width of all architecture groups.
-
-    Raises
-    ------
-    ScenarioError
-        When the groups' latent widths differ.
-    """
-    if len(set(dims.values())) != 1:
-        raise ScenarioError("clients.models", dims,
-                            "architectures sharing one latent_dim (FedProto averages feature "
-                            "prototypes across clients)")
-    return next(iter(dims.values()))
+    """The one latent width of all architecture groups (:func:`fedkd.models.one_latent_dim`)."""
+    return one_latent_dim(dims, "FedProto averages feature prototypes across clients")
 
 
 @STRATEGIES.register("fedproto")

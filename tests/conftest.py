@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -17,3 +18,13 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.task_id = 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread, as a client actor trains: small models train faster and do not fight
+    other processes for cores. Modules opt in with ``pytestmark``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

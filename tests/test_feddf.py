@@ -6,7 +6,6 @@ import dataclasses
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +151,7 @@ def test_bad_params_name_the_key() -> None:
 # ----------------------------------------------------------------------------- server side
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small models train faster on one thread (and do not fight other processes for cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

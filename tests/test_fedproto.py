@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,13 +36,7 @@ SAME_LATENT = ("clients.models=[{arch: cnn_small, fraction: 0.5}, "
 PROTO_BYTES = 128 + 10 * 128 * 4 + 128 + 10 * 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Train as a client actor does (one torch thread): fast on a shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prototype_distance_by_hand() -> None:

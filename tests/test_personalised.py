@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,7 @@ QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 LOCAL_TEST = "data.local_test_fraction=0.2"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: small models train faster and results do not depend on the box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(world: World, run_dir: Path, record: bool = False) -> list[RoundResult]:
