@@ -73,7 +73,7 @@ evidence-fedftg: $(STAMP)
 
 # Does fedkd reproduce each paper's direction? Every algorithm on non-IID Fashion-MNIST
 # scaled to 2 cores (6,000 images, 10 rounds, cnn_small), 3 seeds (README "Results").
-DIRECTIONS := fedavg,fedntd,fedgkd,feddf,fedbe,fedgen,fml,local,fd,fedproto,dsfl,dml
+DIRECTIONS := fedavg,fedntd,fedgkd,feddf,fedgen,fml,local,fd,fedproto,dsfl,dml
 
 evidence-directions: $(STAMP)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml --set data.params.train_limit=6000 \

@@ -88,10 +88,17 @@ from fedkd.synthesis import (
     synthesis_loss,
     value_range,
 )
-from fedkd.train import evaluate, fit
+from fedkd.train import evaluate, fit, predict
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg
-from strategies.weighting import TeacherContext, Weighting, class_weights, make_weighting
+from strategies.weighting import (
+    TeacherContext,
+    Weighting,
+    class_weights,
+    make_weighting,
+    uses_labels,
+    weighting_split,
+)
 
 MODES = ("fedftg", "dense")
 
@@ -242,7 +249,8 @@ class FedFTG(FedAvg):
         Class-count teacher weights ``n_k(y)/n(y)`` (fedftg's default); else ``weighting``
         (dense's default: uniform, DENSE's ``Ensemble_A``).
     weighting : str
-        Registered weighting used when ``label_weighting`` is false.
+        Registered weighting used when ``label_weighting`` is false; ``validation`` and
+        ``learned`` fit on the weighting split (:func:`strategies.weighting.weighting_split`).
     weighting_params : dict, optional
         Its parameters.
     device : str
@@ -308,6 +316,12 @@ class FedFTG(FedAvg):
 
     def bind(self, world: Any) -> None:
         """Check what the mode needs of the world, then bind it."""
+        if uses_labels(self.weigh) and not self.label_weighting and (
+                weighting_split(world.data)[0] is None
+                or len(weighting_split(world.data)[0]) == 0):
+            raise ScenarioError("data.weight_fraction", world.scenario.data.weight_fraction,
+                                f"a fraction > 0 (or data.val_fraction > 0): the "
+                                f"{self.weighting!r} weighting fits on labeled server data")
         if self.rollback and (world.data.val is None or len(world.data.val) == 0):
             raise ScenarioError("data.val_fraction", world.scenario.data.val_fraction,
                                 "a fraction > 0: rollback compares on the server validation "
@@ -478,6 +492,12 @@ class FedFTG(FedAvg):
         ctx = TeacherContext(
             num_examples=torch.tensor([float(i.num_examples) for i in infos]),
             label_counts=torch.tensor([list(i.label_counts) for i in infos], dtype=torch.float64))
+        if uses_labels(self.weigh) and not self.label_weighting:
+            split, _ = weighting_split(self.world.data)
+            assert split is not None  # checked in bind
+            ctx = TeacherContext(ctx.num_examples, ctx.label_counts,
+                                 val_logits=torch.stack([predict(t, split.x) for t in teachers]),
+                                 val_labels=split.y)
         archs = dict.fromkeys(i.arch for i in infos)
         students = {a: space.build(a, arrayrecord_to_state_dict(groups[a])).to(self.device)
                     for a in archs}

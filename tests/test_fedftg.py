@@ -204,6 +204,21 @@ def test_rollback_keeps_fedavg_when_finetuning_hurts(world: World) -> None:
     assert arrays is not None and "rolled-back" not in metrics
 
 
+def test_label_using_weighting_fits_on_the_weighting_split(world: World) -> None:
+    strategy, replies = _setup(world, **{**SMALL, "label_weighting": False,
+                                         "weighting": "validation"})
+    rnd = strategy._setup_round(1, replies, strategy.aggregate_groups(replies))
+    split = world.data.val  # no data.weight_fraction: the validation split
+    assert rnd.ctx.val_logits is not None and rnd.ctx.val_logits.shape == (
+        4, len(split), world.data.num_classes)
+    torch.testing.assert_close(rnd.ctx.val_labels, split.y)
+    strategy.aggregate_train(1, replies)
+    assert sum(r["weight"] for r in strategy.teacher_weights[1]) == pytest.approx(1.0)
+    no_val = cached_world(load_scenario(QUICKSTART, ["data.val_fraction=0"]))
+    with pytest.raises(ScenarioError, match="data.weight_fraction"):
+        FedFTG(label_weighting=False, weighting="validation").bind(no_val)
+
+
 def test_rollback_needs_a_validation_split() -> None:
     no_val = cached_world(load_scenario(QUICKSTART, ["data.val_fraction=0"]))
     with pytest.raises(ScenarioError, match="data.val_fraction"):
