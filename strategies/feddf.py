@@ -79,6 +79,7 @@ from strategies import STRATEGIES
 from strategies.fedavg import FedAvg, num_examples
 from strategies.weighting import (
     TeacherContext,
+    check_weighting_split,
     make_weighting,
     uses_labels,
     weight_rows,
@@ -421,10 +422,8 @@ class FedDF(FedAvg):
                                 "a fraction > 0: FedDF early-stops on the server validation "
                                 "split (or set strategy.params.patience: 0)")
         server = ServerData.of_world(world)
-        if uses_labels(self.weigh) and server.weighting_data is None:
-            raise ScenarioError("data.weight_fraction", d.weight_fraction,
-                                f"a fraction > 0 (or data.val_fraction > 0): the "
-                                f"{self.weighting!r} weighting fits on labeled server data")
+        check_weighting_split(self.weigh, self.weighting, server.weighting_data,
+                              d.weight_fraction)
         super().bind(world)
         self.server = server
 

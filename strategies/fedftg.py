@@ -94,6 +94,7 @@ from strategies.fedavg import FedAvg
 from strategies.weighting import (
     TeacherContext,
     Weighting,
+    check_weighting_split,
     class_weights,
     make_weighting,
     uses_labels,
@@ -316,12 +317,9 @@ class FedFTG(FedAvg):
 
     def bind(self, world: Any) -> None:
         """Check what the mode needs of the world, then bind it."""
-        if uses_labels(self.weigh) and not self.label_weighting and (
-                weighting_split(world.data)[0] is None
-                or len(weighting_split(world.data)[0]) == 0):
-            raise ScenarioError("data.weight_fraction", world.scenario.data.weight_fraction,
-                                f"a fraction > 0 (or data.val_fraction > 0): the "
-                                f"{self.weighting!r} weighting fits on labeled server data")
+        if not self.label_weighting:
+            check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
+                                  world.scenario.data.weight_fraction)
         if self.rollback and (world.data.val is None or len(world.data.val) == 0):
             raise ScenarioError("data.val_fraction", world.scenario.data.val_fraction,
                                 "a fraction > 0: rollback compares on the server validation "
@@ -347,8 +345,9 @@ class FedFTG(FedAvg):
         """The generator (built on first use): persistent in fedftg, re-initialised in dense."""
         if self._generator is None:
             self._generator = self.new_generator(conditional=self.mode == "fedftg")
-            self._gen_opt = torch.optim.Adam(self._generator.parameters(), lr=self.gen_lr,
-                                             betas=(0.5, 0.999))
+            if self.mode == "fedftg":  # dense optimises a fresh Adam per synthesis
+                self._gen_opt = torch.optim.Adam(self._generator.parameters(),
+                                                 lr=self.gen_lr, betas=(0.5, 0.999))
         return self._generator
 
     def student_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

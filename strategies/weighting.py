@@ -306,6 +306,22 @@ def weighting_split(data: DataBundle) -> tuple[TensorSplit | None, bool]:
     return data.val, True
 
 
+def check_weighting_split(weighting: Weighting, name: str, split: TensorSplit | None,
+                          weight_fraction: float) -> None:
+    """Raise when a label-using ``weighting`` (registered as ``name``) has no labeled server
+    split to fit on (``split``: what :func:`weighting_split` gave).
+
+    Raises
+    ------
+    ScenarioError
+        Naming ``data.weight_fraction``.
+    """
+    if uses_labels(weighting) and (split is None or len(split) == 0):
+        raise ScenarioError("data.weight_fraction", weight_fraction,
+                            f"a fraction > 0 (or data.val_fraction > 0): the {name!r} "
+                            "weighting fits on labeled server data")
+
+
 def class_weights(label_counts: torch.Tensor) -> torch.Tensor:
     """``w[y, k] = n_k(y) / n(y)`` (FedGen/FedFTG); a class nobody holds is uniform.
 

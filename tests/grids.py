@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -92,3 +92,19 @@ def run_in_process(world: Any, run_dir: Any, strategy: Any = None) -> list[Any]:
     results: list[Any] = []
     run_rounds(world, strategy, grid, results.append)
     return results
+
+
+class CidGrid:
+    """Answers every message with ``reply(cid)``, ``cid`` the destination's partition id
+    (from the strategy's handshake), and keeps what was sent."""
+
+    def __init__(self, strategy: Any, reply: Callable[[int], RecordDict]) -> None:
+        self.strategy, self.reply = strategy, reply
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        return [Message(self.reply(self.strategy.node(m.metadata.dst_node_id).cid), reply_to=m)
+                for m in messages]

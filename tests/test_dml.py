@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import ConfigRecord, Message, RecordDict
+from grids import CidGrid
 
 from fedkd.client import ClientEnv, train_config_record
 from fedkd.compose import load_scenario
@@ -172,20 +172,9 @@ def test_mutual_kl_temperature_scaled_by_t_squared() -> None:
 # ----------------------------------------------------------------------------- server round
 
 
-class FakeGrid:
+def fake_grid(strategy: DML) -> CidGrid:
     """Answers logits queries with peer ``cid``'s logits = TOY[cid]."""
-
-    def __init__(self, strategy: DML) -> None:
-        self.strategy = strategy
-        self.sent: list[Message] = []
-
-    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
-        out = []
-        for m in messages:
-            self.sent.append(m)
-            cid = self.strategy.node(m.metadata.dst_node_id).cid
-            out.append(Message(RecordDict({"logits": logits_record(TOY[cid])}), reply_to=m))
-        return out
+    return CidGrid(strategy, lambda cid: RecordDict({"logits": logits_record(TOY[cid])}))
 
 
 @pytest.mark.parametrize("ensemble", ["probs", "logits"])
@@ -195,7 +184,7 @@ def test_configure_train_sends_each_peer_its_leave_one_out_target(ensemble: str)
     assert isinstance(strategy, DML)
     strategy.nodes = [NodeInfo(node_id=50 + cid, cid=cid, arch="mlp", num_examples=cid + 1,
                                label_counts=(1, 1)) for cid in range(3)]
-    grid = FakeGrid(strategy)
+    grid = fake_grid(strategy)
     msgs = list(strategy.configure_train(3, None, ConfigRecord({"lr": 0.1}), grid))
     assert [m.metadata.message_type for m in grid.sent] == [QUERY_TYPE] * 3
     assert not grid.sent[0].content.array_records

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from grids import CidGrid
 
 from fedkd.client import ClientEnv, train_config_record
 from fedkd.compose import load_scenario
@@ -100,31 +100,19 @@ def _nodes(k: int) -> list[NodeInfo]:
                      label_counts=(5, 5)) for cid in range(k)]
 
 
-class FakeGrid:
+def fake_grid(strategy: DSFL, n: int) -> CidGrid:
     """Answers update messages: client ``cid`` predicts class ``cid % 2`` with p = 0.9."""
-
-    def __init__(self, strategy: DSFL, n: int) -> None:
-        self.strategy, self.n = strategy, n
-        self.sent: list[Message] = []
-
-    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
-        out = []
-        for m in messages:
-            self.sent.append(m)
-            cid = self.strategy.node(m.metadata.dst_node_id).cid
-            row = [0.9, 0.1] if cid % 2 == 0 else [0.1, 0.9]
-            out.append(Message(RecordDict({
-                "soft-labels": logits_record(torch.tensor([row] * self.n)),
-                "metrics": MetricRecord({"num-examples": 10, "train-loss": float(cid)})}),
-                reply_to=m))
-        return out
+    return CidGrid(strategy, lambda cid: RecordDict({
+        "soft-labels": logits_record(torch.tensor([[0.9, 0.1] if cid % 2 == 0 else [0.1, 0.9]]
+                                                  * n)),
+        "metrics": MetricRecord({"num-examples": 10, "train-loss": float(cid)})}))
 
 
 def test_configure_train_updates_then_sends_era_soft_labels() -> None:
     strategy = get_strategy("dsfl")(seed=5, open_size=4, distill_epochs=3)
     assert isinstance(strategy, DSFL)
     strategy.nodes = _nodes(3)
-    grid = FakeGrid(strategy, n=4)
+    grid = fake_grid(strategy, n=4)
     msgs = list(strategy.configure_train(2, None, ConfigRecord({"lr": 0.1}), grid))
     assert [m.metadata.message_type for m in grid.sent] == [UPDATE_TYPE] * 3
     assert not grid.sent[0].content.array_records  # only the subset seed travels down

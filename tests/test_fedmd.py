@@ -8,7 +8,6 @@ import logging
 import math
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from grids import CidGrid
 from torch import nn
 
 from fedkd.client import ClientEnv, train_config_record
@@ -237,35 +237,27 @@ def _nodes(k: int) -> list[NodeInfo]:
                      label_counts=(cid + 1, 1)) for cid in range(k)]
 
 
-class FakeGrid:
+def fake_grid(strategy: FedMD, n: int, c: int) -> CidGrid:
     """Answers logits queries with client ``cid``'s logits = ``cid`` everywhere; client 0
     reports that it pre-trained (5 public, 12 private epochs, held-out accuracy 0.75)."""
 
-    def __init__(self, strategy: FedMD, n: int, c: int) -> None:
-        self.strategy, self.n, self.c = strategy, n, c
-        self.sent: list[Message] = []
+    def reply(cid: int) -> RecordDict:
+        report = ({"pretrained": 1, "pretrain-public-epochs": 5,
+                   "pretrain-private-epochs": 12, "pretrain-private-val-acc": 0.75}
+                  if cid == 0 else {"pretrained": 0, "pretrain-public-epochs": 0,
+                                    "pretrain-private-epochs": 0,
+                                    "pretrain-private-val-acc": 0.0})
+        return RecordDict({"logits": logits_record(torch.full((n, c), float(cid))),
+                           "metrics": MetricRecord(report)})
 
-    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
-        out = []
-        for m in messages:
-            self.sent.append(m)
-            cid = self.strategy.node(m.metadata.dst_node_id).cid
-            report = ({"pretrained": 1, "pretrain-public-epochs": 5,
-                       "pretrain-private-epochs": 12, "pretrain-private-val-acc": 0.75}
-                      if cid == 0 else {"pretrained": 0, "pretrain-public-epochs": 0,
-                                        "pretrain-private-epochs": 0,
-                                        "pretrain-private-val-acc": 0.0})
-            out.append(Message(RecordDict({"logits": logits_record(
-                torch.full((self.n, self.c), float(cid))), "metrics": MetricRecord(report)}),
-                reply_to=m))
-        return out
+    return CidGrid(strategy, reply)
 
 
 def test_configure_train_queries_then_sends_consensus() -> None:
     strategy = get_strategy("fedmd")(seed=5, alignment_size=4)
     assert isinstance(strategy, FedMD)
     strategy.nodes = _nodes(3)
-    grid = FakeGrid(strategy, n=4, c=2)
+    grid = fake_grid(strategy, n=4, c=2)
     msgs = list(strategy.configure_train(2, None, ConfigRecord({"lr": 0.1}), grid))
     assert [m.metadata.message_type for m in grid.sent] == [QUERY_TYPE] * 3
     assert not grid.sent[0].content.array_records  # only the subset seed travels down
