@@ -52,7 +52,6 @@ accuracy of the peers' private models (``evaluate.private``, inherited from
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -84,17 +83,6 @@ from strategies.weighting import TeacherContext, Weighting, make_weighting
 QUERY_TYPE = f"{MessageType.QUERY}.dml_logits"
 TRAIN_TYPE = f"{MessageType.TRAIN}.dml"
 PEER_ENSEMBLES = ("probs", "logits")
-
-
-def sub_context(ctx: TeacherContext, keep: torch.Tensor) -> TeacherContext:
-    """The context of the teachers selected by the boolean mask ``keep``.
-
-    Every per-teacher field (first axis K: sizes, label counts, optional validation scores and
-    logits) is sliced; the validation labels are shared.
-    """
-    per_teacher = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
-                   if f.name != "val_labels" and getattr(ctx, f.name) is not None}
-    return dataclasses.replace(ctx, **{k: v[keep] for k, v in per_teacher.items()})
 
 
 def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
@@ -134,7 +122,7 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
         if not keep.any():
             targets.append(None)
             continue
-        w = weighting(logits[keep], sub_context(ctx, keep), labels)
+        w = weighting(logits[keep], ctx.select(keep), labels)
         targets.append(weighted_probs(logits[keep], w, temperature) if ensemble == "probs"
                        else weighted_logits(logits[keep], w))
         mean_w[k, keep] = w.to(torch.float64).mean(dim=0)

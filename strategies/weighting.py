@@ -20,6 +20,7 @@ validation split itself (shared with early stopping), which strategies record pe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +51,19 @@ class TeacherContext:
         ``(K, V, C)`` teacher logits on that split and its ``(V,)`` labels (from which
         ``val_scores`` follow, and on which ``learned`` weights are fitted): the weighting
         split when ``data.weight_fraction > 0``, else the validation split.
+    cids : torch.Tensor, optional
+        ``(K,)`` client ids of the teachers (for weightings that keep per-client state).
+    certainty : torch.Tensor, optional
+        ``(K, N)`` each teacher's client-side certainty score on each weighted sample
+        (FedAUX; uploaded by the clients).
+    truth : torch.Tensor, optional
+        ``(N,)`` true labels of the weighted samples, known to the simulator only: for the
+        ``oracle`` upper bound, never for a method.
+    student : int, optional
+        Client id of the student the weights are for, when targets are per client (DML's
+        leave-one-out, KT-pFL); None for one shared target.
+    student_logits : torch.Tensor, optional
+        ``(N, C)`` that student's own logits on the weighted samples.
     """
 
     num_examples: torch.Tensor
@@ -57,6 +71,21 @@ class TeacherContext:
     val_scores: torch.Tensor | None = None
     val_logits: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
+    cids: torch.Tensor | None = None
+    certainty: torch.Tensor | None = None
+    truth: torch.Tensor | None = None
+    student: int | None = None
+    student_logits: torch.Tensor | None = None
+
+    #: Fields that describe the samples or the student, not one entry per teacher.
+    SHARED = ("val_labels", "truth", "student", "student_logits")
+
+    def select(self, keep: torch.Tensor) -> TeacherContext:
+        """The context of the teachers selected by the boolean mask ``keep`` (every
+        per-teacher field sliced on its first axis; the :attr:`SHARED` ones kept)."""
+        per_teacher = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                       if f.name not in self.SHARED and getattr(self, f.name) is not None}
+        return dataclasses.replace(self, **{k: v[keep] for k, v in per_teacher.items()})
 
     @property
     def num_teachers(self) -> int:
