@@ -34,6 +34,17 @@ What is measured
    over a bare loop) and ``F2/P2 <= 0.80`` (two actors beat two torch threads by 20 %). P1's
    and F1's final accuracies must agree within 0.02 (the same work was done).
 
+3. **Message layer.** FedAvg as in 2 (1 actor), without a codec and with fp16 both ways.
+   Target: ``C16 / C0 <= 1.05``.
+
+4. **Teacher diagnostics.** FedDF on the same data (20 % public proxy, 5 % validation,
+   the default 200 distillation steps with early stopping), 1 actor, with
+   ``server.teacher_diagnostics`` off (**D0**) and on (**D1**), median seconds per round.
+   Round times differ by a few per cent from run to run on a shared machine, so the target
+   is checked on the diagnostics' own cost, timed in this process on the same shapes (every
+   teacher's logits on the proxy and validation splits): ``diagnostics / D0 <= 0.10``;
+   ``D1 / D0`` is reported beside it.
+
 Every configuration runs in its own subprocess (so torch thread settings, Ray and Flower state
 do not leak between them), in the order P1, F1, P2, F2 so compared pairs run close together on
 this shared, noisy machine.
@@ -117,6 +128,7 @@ F1_TARGET = Target("real work, 1 core: F1 / P1 (s per round)", "<=", 1.10)
 F2_TARGET = Target("real work, 2 cores: F2 / P2 (s per round)", "<=", 0.80)
 ACC_TARGET = Target("final accuracy |P1 - F1|", "<=", 0.02)
 COMM_TARGET = Target("message layer: fp16 both ways / no codec (s per round)", "<=", 1.05)
+DIAG_TARGET = Target("teacher diagnostics / FedDF round (s)", "<=", 0.10)
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -148,6 +160,15 @@ def fmnist_scenario(s: Settings) -> dict[str, Any]:
     }
 
 
+def feddf_scenario(s: Settings) -> dict[str, Any]:
+    """FedDF on the real-work data: 20 % of it a proxy split, 5 % a validation split."""
+    raw = fmnist_scenario(s)
+    raw["name"] = "bench_feddf"
+    raw["data"] = {**raw["data"], "public": {"fraction": 0.2}, "val_fraction": 0.05}
+    raw["strategy"] = {"name": "feddf"}
+    return raw
+
+
 #: fedkd configurations of the real-work benchmark: ``--set`` overrides per name.
 FEDKD_CONFIGS: dict[str, list[str]] = {
     "F1": ["engine.actors=1", "engine.threads=1", "server.threads=1"],
@@ -156,6 +177,11 @@ FEDKD_CONFIGS: dict[str, list[str]] = {
     "C0": ["engine.actors=1", "engine.threads=1", "server.threads=1"],
     "C16": ["engine.actors=1", "engine.threads=1", "server.threads=1",
             "comm.down.codec=fp16", "comm.up.codec=fp16"],
+    # FedDF without and with the teacher diagnostics
+    "D0": ["engine.actors=1", "engine.threads=1", "server.threads=1",
+           "server.teacher_diagnostics=false"],
+    "D1": ["engine.actors=1", "engine.threads=1", "server.threads=1",
+           "server.teacher_diagnostics=true"],
 }
 
 
@@ -521,6 +547,63 @@ def bench_comm(s: Settings, work: Path, log: Callable[[str], None],
     return res
 
 
+def time_diagnostics(raw: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
+    """Median seconds of one round's diagnostics (proxy and validation ensembles, uniform
+    weights) on random logits of the scenario's shapes, in this process, 1 thread."""
+    import torch
+
+    from fedkd.compose import from_dict
+    from fedkd.diagnostics import TeacherLog
+    from fedkd.world import build_world
+
+    torch.set_num_threads(1)
+    world = build_world(from_dict(raw))
+    k, c = raw["clients"]["num"], world.data.num_classes
+    assert world.data.public is not None and world.data.val is not None
+    cids = list(range(k))
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"proxy": world.data.public.y, "val": world.data.val.y}
+    inputs = {s: (torch.randn(k, len(y), c, generator=gen), torch.full((len(y), k), 1 / k), y)
+              for s, y in shapes.items()}
+    times = []
+    for _ in range(repeats):
+        log = TeacherLog()
+        t0 = time.perf_counter()
+        for source, (logits, weights, y) in inputs.items():
+            log.record(1, cids, logits, weights, y, ensemble="logits", source=source,
+                       per_class=source != "val")
+        times.append(time.perf_counter() - t0)
+    return {"seconds": times, "median_s": median(times), "teachers": k,
+            "proxy": len(shapes["proxy"]), "val": len(shapes["val"])}
+
+
+def bench_diagnostics(s: Settings, work: Path, log: Callable[[str], None],
+                      quiet: float = 0.0) -> dict[str, Any]:
+    """Benchmark 4: the teacher diagnostics' cost against a FedDF round."""
+    from fedkd.compose import from_dict
+    from fedkd.scenario import dump
+
+    raw = feddf_scenario(s)
+    yaml_path = work / "bench_feddf.yaml"
+    yaml_path.write_text(dump(from_dict(raw)))
+    res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
+    for name in ("D0", "D1"):
+        log(f"teacher diagnostics: {name}")
+        wait_quiet(quiet, log)
+        res[name] = timing_entry(run_fedkd(name, yaml_path, work), warmup=1)
+        log(f"  median {res[name]['median_s']:.2f} s per round, "
+            f"final acc {res[name]['final_acc']:.4f}")
+    res["diagnostics"] = time_diagnostics(raw)
+    cost = res["diagnostics"]["median_s"] / res["D0"]["median_s"]
+    res["check"] = check(DIAG_TARGET, cost, detail=(
+        f"{res['diagnostics']['median_s'] * 1e3:.1f} ms of a {res['D0']['median_s']:.2f} s "
+        f"round ({res['diagnostics']['teachers']} teachers, {res['diagnostics']['proxy']} "
+        f"proxy + {res['diagnostics']['val']} val samples); D1/D0 "
+        f"{res['D1']['median_s'] / res['D0']['median_s']:.3f}; final acc "
+        f"{res['D1']['final_acc']:.4f} vs {res['D0']['final_acc']:.4f}"))
+    return res
+
+
 def fmt_value(c: dict[str, Any]) -> str:
     """A check's value for the tables."""
     return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.3f}"
@@ -566,10 +649,11 @@ def markdown(results: dict[str, Any]) -> str:
             e = ov[engine]
             out.append(f"| ping, {engine} | {e['median_s']:.4f} | "
                        f"{', '.join(f'{x:.4f}' for x in e['timed_s'])} | | {load(e)} |")
-    rw = results.get("real_work", {})
-    for name in ("P1", "P2", "F1", "F2"):
-        if name in rw:
-            e = rw[name]
+    rows = {**results.get("real_work", {}), **results.get("message_layer", {}),
+            **results.get("teacher_diagnostics", {})}
+    for name in ("P1", "P2", "F1", "F2", "C0", "C16", "D0", "D1"):
+        if name in rows:
+            e = rows[name]
             out.append(f"| {name} | {e['median_s']:.3f} | "
                        f"{', '.join(f'{x:.2f}' for x in e['timed_s'])} | "
                        f"{e['final_acc']:.4f} | {load(e)} |")
@@ -582,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small, fast smoke version")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (and .md next to it)")
-    p.add_argument("--only", choices=["overhead", "real", "comm"],
+    p.add_argument("--only", choices=["overhead", "real", "comm", "diagnostics"],
                    help="run one benchmark only")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each configuration, wait up to SECONDS for the 1-minute "
@@ -641,6 +725,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only in (None, "comm"):
             results["message_layer"] = bench_comm(settings, work, log, args.wait_quiet)
             checks.append(results["message_layer"]["check"])
+            save()
+        if args.only in (None, "diagnostics"):
+            results["teacher_diagnostics"] = bench_diagnostics(settings, work, log,
+                                                               args.wait_quiet)
+            checks.append(results["teacher_diagnostics"]["check"])
             save()
     print()
     print(table(checks))

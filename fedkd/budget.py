@@ -67,7 +67,7 @@ class Budgeted(Strategy):
         self.dropped: dict[int, int] = {}
 
     def __getattr__(self, name: str) -> Any:
-        # only called for attributes the wrapper lacks: node(), teacher_weights, bind, ...
+        # only called for attributes the wrapper lacks: node(), teacher_log, bind, ...
         inner = self.__dict__.get("strategy")
         if inner is None:
             raise AttributeError(name)

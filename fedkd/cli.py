@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     rpt.add_argument("paths", nargs="+", help="run or sweep folders")
     rpt.add_argument("--out", help="where to write the report (default: the first path)")
     rpt.add_argument("--target", type=float, help="target accuracy for rounds/MB to target")
-    rpt.add_argument("--baseline", help="config whose mean final accuracy is the target")
+    rpt.add_argument("--baseline", metavar="CONFIG",
+                     help="config whose mean final accuracy is the target, and which every "
+                          "other config is compared with seed by seed (paired.md)")
 
     sub.add_parser("list", help="registered components (datasets ... weightings, codecs)")
     return parser
@@ -166,6 +168,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     print(text, end="")
     print(f"report: {out / 'report.md'}")
+    if args.baseline:
+        print(f"paired comparison: {out / 'paired.md'}")
     return 0
 
 
@@ -181,7 +185,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     for title, reg in (("datasets", DATASETS), ("partitioners", PARTITIONERS),
                        ("models", MODELS), ("strategies", STRATEGIES),
                        ("weightings", WEIGHTINGS), ("codecs", CODECS)):
-        print(f"{title}: {', '.join(reg.names())}")
+        names = reg.names()
+        if reg is WEIGHTINGS:  # an upper bound (class attribute upper_bound) is not a method
+            names = [f"{n} (upper bound: uses the true labels; not a method)"
+                     if getattr(reg.get(n), "upper_bound", False) else n for n in names]
+        print(f"{title}: {', '.join(names)}")
     return 0
 
 

@@ -377,9 +377,10 @@ def teacher_grid(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np
     Parameters
     ----------
     rows : list[dict]
-        ``teachers.parquet`` rows (``round``, ``client``, ``weight``, optional ``class``);
-        per-class rows (``class`` >= 0) are ignored, repeated (client, round) pairs (seeds)
-        are averaged.
+        ``teachers.parquet`` rows (``round``, ``client``, ``weight``, optional ``class`` and
+        ``source``); per-class rows (``class`` >= 0), the ensemble's own rows (``client`` -1)
+        and rows measured on the validation split (``source`` ``"val"``) are ignored,
+        repeated (client, round) pairs (seeds) are averaged.
 
     Returns
     -------
@@ -388,7 +389,8 @@ def teacher_grid(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np
         weights, NaN where a client was no teacher in that round.
     """
     rows = [t for t in rows if t.get("class", -1) in (-1, None)
-            and not _is_missing(t.get("weight"))]
+            and not _is_missing(t.get("weight")) and int(t["client"]) >= 0
+            and t.get("source") != "val"]
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0))
     cid = np.array([int(t["client"]) for t in rows])

@@ -6,6 +6,12 @@ accuracy, and the rounds and MB needed to first reach a target accuracy. Runs wi
 splits (``data.local_test_fraction > 0``) add the final personalised accuracy: the mean over
 clients of their local test accuracy (``local-acc``) and of the worst 10 % of clients
 (``local-acc-worst10``).
+
+With a baseline configuration, every other configuration is compared with it seed by seed
+(`paired_rows`): the differences of the final accuracy on the seeds both ran, their mean and a
+two-sided 95 % Student-t interval (`t_quantile`, computed without scipy). Runs that record
+teacher-ensemble diagnostics (``teach_*`` columns of ``metrics.parquet``) add their curves
+(`teacher_diagnostics_figure`) and a table of their final values (`diagnostic_rows`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -144,6 +151,21 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
 
 
+def check_baseline(configs: list[str], baseline: str | None) -> None:
+    """Raise ValueError (one line naming the configurations) if ``baseline`` is not one of them.
+
+    Parameters
+    ----------
+    configs : list[str]
+        The configuration labels found.
+    baseline : str | None
+        The requested baseline; ``None`` passes.
+    """
+    if baseline is not None and baseline not in configs:
+        raise ValueError(f"--baseline {baseline!r} is not a configuration; available: "
+                         f"{', '.join(sorted(configs))}")
+
+
 def table(runs: list[Run], target: float | None = None,
           baseline: str | None = None) -> tuple[list[dict[str, Any]], float]:
     """One row per configuration, and the target accuracy used.
@@ -155,8 +177,7 @@ def table(runs: list[Run], target: float | None = None,
     finals = {c: _stats([_final_best(r)[0] for r in runs if r.config == c])[0] for c in configs}
     equal_mb, equal_time = equal_point(runs, _mb), equal_point(runs, _vt)
     if target is None:
-        if baseline is not None and baseline not in finals:
-            raise ValueError(f"--baseline {baseline!r} is not one of {configs}")
+        check_baseline(configs, baseline)
         target = finals[baseline] if baseline else min(finals.values())
     rows = []
     for c in configs:
@@ -222,13 +243,39 @@ def markdown(rows: list[dict[str, Any]], target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curve(runs: list[Run], x_of: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std of accuracy across seeds, on the first run's x positions."""
-    rows = [[r2 for r2 in r.metrics if _acc(r2) is not None] for r in runs]
+def _curve(runs: list[Run], x_of: Any,
+           key: str = "acc") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std of ``key`` across seeds, on the first run's x positions."""
+    rows = [[r2 for r2 in r.metrics if _acc(r2, key) is not None] for r in runs]
     n = min(len(r) for r in rows)
     x = np.array([x_of(row) for row in rows[0][:n]])
-    ys = np.array([[_acc(row) for row in r[:n]] for r in rows], dtype=np.float64)
+    ys = np.array([[_acc(row, key) for row in r[:n]] for r in rows], dtype=np.float64)
     return x, ys.mean(axis=0), ys.std(axis=0)
+
+
+def _round_curve(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std of ``key`` across seeds per round, over the seeds that recorded it then.
+
+    Unlike `_curve`, rounds are matched by number, so a value missing in some rounds of one
+    seed does not shift the others; rounds where no seed has a value are left out.
+    """
+    by_round: dict[int, list[float]] = {}
+    for r in runs:
+        for row in r.metrics:
+            v = _acc(row, key)
+            if v is not None:
+                by_round.setdefault(int(row["round"]), []).append(v)
+    x = np.array(sorted(by_round), dtype=np.int64)
+    mean = np.array([np.mean(by_round[k]) for k in x], dtype=np.float64)
+    sd = np.array([np.std(by_round[k]) for k in x], dtype=np.float64)
+    return x, mean, sd
+
+
+def _band(ax: Axes, x: np.ndarray, mean: np.ndarray, sd: np.ndarray, label: str,
+          **style: Any) -> None:
+    """A mean line with a shaded ±std band in the line's colour."""
+    (line,) = ax.plot(x, mean, label=label, **style)
+    ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=line.get_color())
 
 
 def curves_figure(runs: list[Run], x_name: str) -> Figure:
@@ -251,9 +298,7 @@ def curves_figure(runs: list[Run], x_name: str) -> Figure:
     ax = fig.add_subplot()
     x_of = {"round": lambda row: row["round"], "mb": _mb, "virtual_time": _vt}[x_name]
     for c in sorted({r.config for r in runs}):
-        x, mean, sd = _curve([r for r in runs if r.config == c], x_of)
-        ax.plot(x, mean, label=c)
-        ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+        _band(ax, *_curve([r for r in runs if r.config == c], x_of), label=c)
     ax.set_xlabel({"round": "round", "mb": "cumulative MB",
                    "virtual_time": "virtual time (s)"}[x_name])
     if x_name == "round":
@@ -312,19 +357,432 @@ def plot_teacher_weights(runs: list[Run], path: Path) -> bool:
     return True
 
 
+# --- paired comparison against a baseline -------------------------------------------------
+
+_T_TOL = 1e-15
+"""Relative tolerance of the continued fraction and of the t-quantile bisection."""
+
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz, NR 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < _T_TOL:
+            break
+    return h
+
+
+def beta_inc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function :math:`I_x(a, b)`.
+
+    Parameters
+    ----------
+    a, b : float
+        Positive shape parameters.
+    x : float
+        Point in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        :math:`I_x(a, b)`, from the continued fraction on the side where it converges fast.
+    """
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_cf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_cf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student-t distribution function: :math:`P(T \\le t)` with ``df`` degrees of freedom."""
+    tail = 0.5 * beta_inc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom.
+
+    Inverts `t_cdf` (the regularised incomplete beta function) by bisection to relative
+    precision ~1e-15, so the value is exact to the printed digits for any ``df > 0``, e.g.
+    ``t_quantile(0.975, 1) = 12.7062047``, ``t_quantile(0.975, 2) = 4.30265273``.
+
+    Parameters
+    ----------
+    p : float
+        Probability in ``(0, 1)``.
+    df : float
+        Degrees of freedom, ``> 0``.
+
+    Returns
+    -------
+    float
+        ``t`` with ``t_cdf(t, df) == p``.
+    """
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0; got p={p}, df={df}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):  # each halving gains a bit; 200 is far past double precision
+        if hi - lo <= _T_TOL * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean, sample std and two-sided Student-t interval of paired differences.
+
+    Parameters
+    ----------
+    diffs : list[float]
+        The differences, one per pair.
+    level : float (default: 0.95)
+        Coverage of the interval: ``mean ± t_{(1+level)/2, n-1} * sd / sqrt(n)``.
+
+    Returns
+    -------
+    tuple[float, float, float, float]
+        ``(mean, sd, low, high)``; ``sd``, ``low`` and ``high`` are nan for ``n < 2`` (and
+        everything for ``n == 0``).
+    """
+    n = len(diffs)
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    arr = np.asarray(diffs, dtype=np.float64)
+    mean = float(arr.mean())
+    if n == 1:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(arr.std(ddof=1))
+    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """One configuration's paired differences (config − baseline) of one metric.
+
+    ``includes_zero`` is also true when there is no interval (fewer than two pairs): the
+    difference is then not shown to differ from zero.
+    """
+
+    config: str
+    metric: str
+    seeds: tuple[int, ...]
+    diffs: tuple[float, ...]
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+    @property
+    def n(self) -> int:
+        """Number of paired seeds."""
+        return len(self.seeds)
+
+    @property
+    def includes_zero(self) -> bool:
+        """Whether the 95 % interval includes 0 (true without an interval)."""
+        return not (self.low > 0 or self.high < 0)
+
+    @property
+    def verdict(self) -> str:
+        """``"better"``, ``"worse"``, ``"interval includes 0"`` or why there is no interval."""
+        if self.n == 0:
+            return "no common seeds"
+        if self.n == 1:
+            return "n = 1: no interval"
+        if self.low > 0:
+            return "better"
+        return "worse" if self.high < 0 else "interval includes 0"
+
+    def as_dict(self, baseline: str) -> dict[str, Any]:
+        """The row of ``paired.parquet``."""
+        return {"metric": self.metric, "baseline": baseline, "config": self.config,
+                "n": self.n, "seeds": list(self.seeds), "diffs": list(self.diffs),
+                "mean_diff": self.mean, "sd_diff": self.sd, "ci_low": self.low,
+                "ci_high": self.high, "includes_zero": self.includes_zero,
+                "verdict": self.verdict}
+
+
+PAIRED_SCHEMA = pa.schema([
+    ("metric", pa.string()), ("baseline", pa.string()), ("config", pa.string()),
+    ("n", pa.int64()), ("seeds", pa.list_(pa.int64())), ("diffs", pa.list_(pa.float64())),
+    ("mean_diff", pa.float64()), ("sd_diff", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("includes_zero", pa.bool_()), ("verdict", pa.string())])
+"""Columns of ``paired.parquet``: one row per metric and compared configuration."""
+
+
+def seed_values(runs: list[Run], config: str, key: str = "acc") -> dict[int, float]:
+    """Final value of ``key`` per seed of ``config``; seeds without one are left out.
+
+    Several runs of one configuration and seed (repeated loose runs) are averaged.
+    """
+    per_seed: dict[int, list[float]] = {}
+    for r in runs:
+        v = final_value(r.metrics, key) if r.config == config else math.nan
+        if not math.isnan(v):
+            per_seed.setdefault(r.seed, []).append(v)
+    return {s: float(np.mean(v)) for s, v in sorted(per_seed.items())}
+
+
+def paired_rows(runs: list[Run], baseline: str, key: str = "acc") -> list[PairedRow]:
+    """Pair every other configuration's seeds with the baseline's and summarise the differences.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs of every configuration.
+    baseline : str
+        The configuration subtracted.
+    key : str (default: "acc")
+        Metric compared: its final value (`final_value`) per run.
+
+    Returns
+    -------
+    list[PairedRow]
+        One row per configuration other than ``baseline``, in label order; differences are
+        config − baseline on the seeds both have, in seed order, with a 95 % t interval.
+    """
+    base = seed_values(runs, baseline, key)
+    rows = []
+    for c in sorted({r.config for r in runs} - {baseline}):
+        vals = seed_values(runs, c, key)
+        seeds = tuple(s for s in vals if s in base)
+        diffs = tuple(vals[s] - base[s] for s in seeds)
+        rows.append(PairedRow(c, key, seeds, diffs, *t_interval(list(diffs))))
+    return rows
+
+
+def paired_metrics(runs: list[Run]) -> list[str]:
+    """``acc``, and ``local-acc`` when some run recorded it."""
+    local = any(not math.isnan(final_value(r.metrics, "local-acc")) for r in runs)
+    return ["acc", "local-acc"] if local else ["acc"]
+
+
+def _signed(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:+.4f}"
+
+
+_METRIC_NAMES = {"acc": "final test accuracy", "local-acc": "final personalised accuracy"}
+
+
+def paired_markdown(rows: list[PairedRow], baseline: str, key: str = "acc") -> str:
+    """``rows`` (from `paired_rows`) as a Markdown section with one table."""
+    lines = [f"Paired by seed against `{baseline}`: {_METRIC_NAMES.get(key, key)} (`{key}`), "
+             "config − baseline, mean and 95 % Student-t interval", "",
+             "| config | n | mean diff | sd | 95 % CI | per-seed diffs | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = "—" if math.isnan(r.low) else f"[{_signed(r.low)}, {_signed(r.high)}]"
+        per_seed = ", ".join(f"{s}: {_signed(d)}" for s, d in zip(r.seeds, r.diffs, strict=True))
+        sd = "—" if math.isnan(r.sd) else f"{r.sd:.4f}"
+        lines.append(f"| {r.config} | {r.n} | {_signed(r.mean)} | {sd} | {ci} "
+                     f"| {per_seed or '—'} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_paired(runs: list[Run], baseline: str, out: Path) -> str:
+    """Write ``paired.md`` and ``paired.parquet`` (every `paired_metrics` metric) in ``out``.
+
+    Returns
+    -------
+    str
+        The Markdown written.
+    """
+    sections, records = [], []
+    for key in paired_metrics(runs):
+        rows = paired_rows(runs, baseline, key)
+        sections.append(paired_markdown(rows, baseline, key))
+        records += [r.as_dict(baseline) for r in rows]
+    text = "\n".join(sections)
+    (out / "paired.md").write_text(text)
+    pq.write_table(pa.Table.from_pylist(records, schema=PAIRED_SCHEMA), out / "paired.parquet")
+    return text
+
+
+# --- teacher-ensemble diagnostics ----------------------------------------------------------
+
+DIAGNOSTIC_COLUMNS = ("teach_ens_acc", "teach_w_auc", "teach_w_align", "teach_eff_k")
+"""``metrics.parquet`` columns whose final values `diagnostic_rows` averages over seeds."""
+
+DIAGNOSTIC_PANELS = (("teach_ens_acc", "ensemble accuracy", None),
+                     ("teach_w_auc", "weight AUC (0.5 = uninformative)", 0.5),
+                     ("teach_w_align", "weight alignment (vs uniform)", 0.0))
+"""Panels of `teacher_diagnostics_figure`: column, y label and a reference level."""
+
+
+def has_diagnostics(run: Run) -> bool:
+    """Whether the run recorded teacher-ensemble diagnostics (a ``teach_ens_acc`` column)."""
+    return any("teach_ens_acc" in row for row in run.metrics)
+
+
+def diagnostic_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per configuration with diagnostics: mean ± std over seeds of each final diagnostic.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs; those without a ``teach_ens_acc`` column are left out.
+
+    Returns
+    -------
+    list[dict]
+        ``config``, ``seeds`` and, per :data:`DIAGNOSTIC_COLUMNS` name, ``final_<name>`` and
+        ``final_<name>_std``: the last recorded value of each run (`final_value`), averaged.
+    """
+    with_diag = [r for r in runs if has_diagnostics(r)]
+    rows = []
+    for c in sorted({r.config for r in with_diag}):
+        group = [r for r in with_diag if r.config == c]
+        row: dict[str, Any] = {"config": c, "seeds": len(group)}
+        for key in DIAGNOSTIC_COLUMNS:
+            mean, sd = _stats([final_value(r.metrics, key) for r in group])
+            row.update({f"final_{key}": mean, f"final_{key}_std": sd})
+        rows.append(row)
+    return rows
+
+
+def diagnostics_markdown(rows: list[dict[str, Any]]) -> str:
+    """`diagnostic_rows` as Markdown."""
+    lines = ["Teacher ensemble, final round (mean ± std over seeds)", "",
+             "| config | seeds | ensemble acc | weight AUC | weight alignment "
+             "| effective teachers |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [_pm(r[f"final_{k}"], r[f"final_{k}_std"], 2 if k == "teach_eff_k" else 4)
+                 for k in DIAGNOSTIC_COLUMNS]
+        lines.append(f"| {r['config']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
+    """Ensemble accuracy and weight alignment vs round, one line per config (±std of seeds).
+
+    Panels follow :data:`DIAGNOSTIC_PANELS`; the value measured on the server validation
+    split (``teach_val_*``), where recorded, is drawn dashed in the same colour.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs; only those with a ``teach_ens_acc`` column are drawn.
+
+    Returns
+    -------
+    Figure | None
+        Three stacked axes, or ``None`` when no run has diagnostics.
+    """
+    with_diag = [r for r in runs if has_diagnostics(r)]
+    if not with_diag:
+        return None
+    fig = Figure(figsize=(7, 9))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(len(DIAGNOSTIC_PANELS), 1, i + 1)
+            for i in range(len(DIAGNOSTIC_PANELS))]
+    for ax, (key, ylabel, ref) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
+        for i, c in enumerate(sorted({r.config for r in with_diag})):
+            group = [r for r in with_diag if r.config == c]
+            colour = f"C{i}"
+            val_key = key.replace("teach_", "teach_val_", 1)
+            for k, label, style in ((key, c, "-"), (val_key, f"{c} (val)", "--")):
+                x, mean, sd = _round_curve(group, k)
+                if x.size:
+                    _band(ax, x, mean, sd, label, color=colour, linestyle=style)
+        if ref is not None:
+            ax.axhline(ref, color="0.5", lw=0.8, ls=":")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel("round")
+        integer_ticks(ax.xaxis)
+        ax.grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_teacher_diagnostics(runs: list[Run], path: Path) -> bool:
+    """Write `teacher_diagnostics_figure` as PNG. False (nothing written) without diagnostics."""
+    fig = teacher_diagnostics_figure(runs)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def write_diagnostics(runs: list[Run], out: Path) -> str:
+    """Write ``diagnostics.md``, ``diagnostics.parquet`` and ``teacher_diagnostics.png``.
+
+    Returns
+    -------
+    str
+        The Markdown written, or ``""`` (nothing written) when no run has diagnostics.
+    """
+    rows = diagnostic_rows(runs)
+    if not rows:
+        return ""
+    text = diagnostics_markdown(rows)
+    (out / "diagnostics.md").write_text(text)
+    pq.write_table(pa.Table.from_pylist(rows), out / "diagnostics.parquet")
+    plot_teacher_diagnostics(runs, out / "teacher_diagnostics.png")
+    return text
+
+
 def report(paths: list[Path], out: Path | None = None, target: float | None = None,
            baseline: str | None = None) -> tuple[list[dict[str, Any]], Path, str]:
     """Build the comparison: table (Markdown + Parquet) and plots in ``out``.
 
+    Parameters
+    ----------
+    paths : list[Path]
+        Run or sweep folders.
+    out : Path, optional
+        Report folder (default: the first path).
+    target : float, optional
+        Target accuracy for rounds/MB to target (default: see `table`).
+    baseline : str, optional
+        A configuration label: its mean final accuracy is the default target, and every other
+        configuration is compared with it seed by seed (``paired.md``, ``paired.parquet``).
+
     Returns
     -------
     tuple
-        The table rows, the output folder and the Markdown text.
+        The table rows, the output folder and the Markdown text: the table, then the paired
+        comparison (with a baseline) and the teacher diagnostics (when recorded).
+
+    Raises
+    ------
+    FileNotFoundError
+        No run folder under ``paths``.
+    ValueError
+        ``baseline`` is not one of the configurations found.
     """
     runs = find_runs(paths)
     if not runs:
         where = ", ".join(str(p) for p in paths)
         raise FileNotFoundError(f"no run folders (with summary.json) under {where}")
+    check_baseline(sorted({r.config for r in runs}), baseline)
     out = out or paths[0]
     out.mkdir(parents=True, exist_ok=True)
     rows, target = table(runs, target, baseline)
@@ -336,5 +794,10 @@ def report(paths: list[Path], out: Path | None = None, target: float | None = No
     if not math.isnan(equal_point(runs, _vt)):
         plot_curves(runs, out / "accuracy_vs_virtual_time.png", "virtual_time")
     plot_teacher_weights(runs, out / "teacher_weights.png")
+    if baseline is not None:
+        text += "\n" + write_paired(runs, baseline, out)
+    diagnostics = write_diagnostics(runs, out)
+    if diagnostics:
+        text += "\n" + diagnostics
     (out / "report.json").write_text(json.dumps({"target": target, "runs": len(runs)}))
     return rows, out, text

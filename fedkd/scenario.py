@@ -170,11 +170,13 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Server-side work: evaluation batch size, torch threads (0 = all), teacher actors."""
+    """Server-side work: evaluation batch size, torch threads (0 = all), teacher actors, and
+    whether teacher ensembles are diagnosed each round (:mod:`fedkd.diagnostics`)."""
 
     eval_batch_size: int = field(default=1024, metadata=_check(_positive, "an integer > 0"))
     threads: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     teacher_actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    teacher_diagnostics: bool = True
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,10 @@ accuracy of the peers' private models (``evaluate.private``, inherited from
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -61,6 +63,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedkd.client import ClientEnv, client_fn, seed_for
+from fedkd.diagnostics import diagnose, mean_summary
 from fedkd.distill import kd_kl_probs, mutual_kl, weighted_logits, weighted_probs
 from fedkd.errors import ScenarioError
 from fedkd.train import batch_indices, predict, train_supervised
@@ -71,14 +74,22 @@ from strategies.fedmd import (
     alignment_inputs,
     check_positive,
     logits_record,
+    peer_context,
     public_subset,
     query_logits,
     record_logits,
     require_public,
-    teacher_context,
+    split_logits,
 )
 from strategies.local import Local
-from strategies.weighting import TeacherContext, Weighting, make_weighting
+from strategies.weighting import (
+    TeacherContext,
+    Weighting,
+    check_weighting_split,
+    make_weighting,
+    uses_labels,
+    weighting_split,
+)
 
 QUERY_TYPE = f"{MessageType.QUERY}.dml_logits"
 TRAIN_TYPE = f"{MessageType.TRAIN}.dml"
@@ -88,6 +99,7 @@ PEER_ENSEMBLES = ("probs", "logits")
 def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
                   labels: torch.Tensor | None = None, ensemble: str = "probs",
                   temperature: float = 1.0,
+                  weights_out: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                   ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """Each peer's target: the weighted ensemble of the *other* peers.
 
@@ -106,6 +118,9 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
         paper's); ``"logits"``: weighted mean of their logits.
     temperature : float
         Softening temperature of the ``"probs"`` ensemble.
+    weights_out : list, optional
+        Receives, per peer with a target, its teachers' mask and their ``(N, K-1)`` weights
+        (for the teacher diagnostics).
 
     Returns
     -------
@@ -122,7 +137,11 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
         if not keep.any():
             targets.append(None)
             continue
-        w = weighting(logits[keep], ctx.select(keep), labels)
+        student = None if ctx.cids is None else int(ctx.cids[k])
+        w = weighting(logits[keep], replace(ctx.select(keep), student=student,
+                                            student_logits=logits[k]), labels)
+        if weights_out is not None:
+            weights_out.append((keep, w))
         targets.append(weighted_probs(logits[keep], w, temperature) if ensemble == "probs"
                        else weighted_logits(logits[keep], w))
         mean_w[k, keep] = w.to(torch.float64).mean(dim=0)
@@ -135,8 +154,8 @@ def teacher_rows(nodes: Sequence[NodeInfo], mean_w: torch.Tensor) -> list[dict[s
     if k_peers < 2:
         return []
     per_teacher = mean_w.sum(dim=0) / (k_peers - 1)
-    return [{"client": n.cid, "weight": float(w)} for n, w in zip(nodes, per_teacher,
-                                                                  strict=True)]
+    return [{"client": n.cid, "class": -1, "weight": float(w), "acc": None,
+             "source": "public"} for n, w in zip(nodes, per_teacher, strict=True)]
 
 
 @STRATEGIES.register("dml")
@@ -183,11 +202,12 @@ class DML(Local):
         self.weighting = weighting
         self.weighting_params = weighting_params
         self.weigh = make_weighting(weighting, weighting_params)
-        self.teacher_weights: dict[int, list[dict[str, Any]]] = {}
 
     def bind(self, world: World) -> None:
         """Bind the world; DML among peers needs a public split."""
         require_public(world, "dml")
+        check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
+                              world.scenario.data.weight_fraction)
         super().bind(world)
 
     def subset_seed(self, server_round: int) -> int:
@@ -198,8 +218,15 @@ class DML(Local):
         """Labels of this round's public subset if the public split is labeled."""
         if self.world is None or not self.world.data.public_labeled:
             return None
-        pub = self.world.data.public
-        return pub.y[public_subset(len(pub), self.public_size, self.subset_seed(server_round))]
+        return self.public_truth(server_round)
+
+    def public_truth(self, server_round: int) -> torch.Tensor | None:
+        """The true labels of this round's public subset (diagnostics, ``oracle``)."""
+        if self.world is None or self.world.data.public is None:
+            return None
+        index = public_subset(len(self.world.data.public), self.public_size,
+                              self.subset_seed(server_round))
+        return self.world.data.public_truth_labels(torch.as_tensor(index))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -211,19 +238,49 @@ class DML(Local):
                             "subset-seed": self.subset_seed(server_round),
                             "subset-size": self.public_size,
                             "temperature": self.temperature, "kl-weight": self.kl_weight,
-                            "peer-ensemble": self.peer_ensemble})
+                            "peer-ensemble": self.peer_ensemble,
+                            "weighting-split": int(uses_labels(self.weigh))})
         replies = query_logits(grid, nodes, cfg, QUERY_TYPE, server_round)
         if not replies:
             return []
         peers = [self.node(r.metadata.src_node_id) for r in replies]
         logits = torch.stack([record_logits(r.content.array_records["logits"])
                               for r in replies])
-        targets, mean_w = leave_one_out(logits, self.weigh, teacher_context(peers),
-                                        self.public_labels(server_round), self.peer_ensemble,
-                                        self.temperature)
-        self.teacher_weights[server_round] = teacher_rows(peers, mean_w)
+        truth = self.public_truth(server_round)
+        used: list[tuple[torch.Tensor, torch.Tensor]] = []
+        targets, mean_w = leave_one_out(
+            logits, self.weigh, peer_context(self.world, peers, replies, self.weigh, truth),
+            self.public_labels(server_round), self.peer_ensemble, self.temperature, used)
+        self.diagnose(server_round, peers, logits, used, mean_w, truth)
         return [self.peer_message(n, t, cfg, server_round) for n, t in zip(peers, targets,
                                                                            strict=True)]
+
+    def diagnose(self, server_round: int, peers: Sequence[NodeInfo], logits: torch.Tensor,
+                 used: Sequence[tuple[torch.Tensor, torch.Tensor]], mean_w: torch.Tensor,
+                 truth: torch.Tensor | None) -> None:
+        """Record the round's leave-one-out ensembles: each peer's teacher weights (mean over
+        the targets it is part of) and the diagnostics averaged over the peers' ensembles."""
+        log = self.teacher_log
+        if len(peers) < 2:
+            return
+        if not log.enabled or truth is None:
+            log.rows[server_round] = teacher_rows(peers, mean_w)
+            if not log.enabled:
+                return
+        cids = [p.cid for p in peers]
+        parts = [diagnose(logits[keep], w, [c for c, m in zip(cids, keep, strict=True) if m],
+                          truth, ensemble=self.peer_ensemble, source="public", per_class=False)
+                 for keep, w in used]
+        summary = mean_summary([d.summary for d in parts])
+        log.metrics[server_round] = {f"teach-{k}": v for k, v in summary.items()
+                                     if not math.isnan(v)}
+        if truth is not None:
+            acc = (logits.argmax(dim=2) == truth).to(torch.float64).mean(dim=1)
+            log.rows[server_round] = [
+                {**row, "acc": float(a), "source": "public"}
+                for row, a in zip(teacher_rows(peers, mean_w), acc, strict=True)] + [
+                {"client": -1, "class": -1, "weight": None, "source": "public",
+                 "acc": summary.get("ens-acc")}]
 
     def peer_message(self, node: NodeInfo, target: torch.Tensor | None, cfg: ConfigRecord,
                      server_round: int) -> Message:
@@ -240,7 +297,8 @@ class DML(Local):
 def dml_logits(msg: Message, env: ClientEnv) -> RecordDict:
     """Reply this peer's logits on the round's public subset."""
     model, _ = env.private_model()
-    return RecordDict({"logits": logits_record(predict(model, alignment_inputs(env)))})
+    return RecordDict({"logits": logits_record(predict(model, alignment_inputs(env))),
+                       **split_logits(model, env)})
 
 
 def peer_kl(logits: torch.Tensor, target: torch.Tensor, temperature: float,

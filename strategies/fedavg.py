@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedkd.comm import join_groups, split_groups, state_dict_to_arrayrecord
+from fedkd.diagnostics import TeacherLog
 from fedkd.world import World
 from strategies import STRATEGIES
 
@@ -117,10 +118,12 @@ class FedAvg(FlowerFedAvg):
         self.current: dict[str, ArrayRecord] = {}
         self.failures: dict[int, int] = {}
         self.world: World | None = None
+        self.teacher_log = TeacherLog()
 
     def bind(self, world: World) -> None:
         """Give the strategy the server-side view of the world (data splits, model space)."""
         self.world = world
+        self.teacher_log.enabled = world.scenario.server.teacher_diagnostics
 
     def initial_arrays(self, world: World) -> ArrayRecord:
         """Seeded initial global model of every architecture group, keys ``<arch>.<param>``."""

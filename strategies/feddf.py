@@ -59,7 +59,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -82,7 +82,6 @@ from strategies.weighting import (
     check_weighting_split,
     make_weighting,
     uses_labels,
-    weight_rows,
     weighting_split,
 )
 
@@ -158,7 +157,9 @@ class ServerData:
     share : Counter[str]
         Clients per architecture (weights the per-group statistics); empty: equal weights.
     proxy_labeled : bool
-        Whether ``proxy.y`` holds real labels.
+        Whether strategies may read ``proxy.y``.
+    proxy_truth : bool
+        Whether ``proxy.y`` are the true labels (for the diagnostics and ``oracle`` only).
     teacher_actors, eval_batch_size : int
         Ray actors for the teachers' logits (0: in-process) and their inference batch size.
     fit : TensorSplit or None
@@ -172,6 +173,7 @@ class ServerData:
     space: ModelSpace | ModelFnSpace
     share: Counter[str]
     proxy_labeled: bool = False
+    proxy_truth: bool = False
     teacher_actors: int = 0
     eval_batch_size: int = 1024
     fit: TensorSplit | None = None
@@ -189,6 +191,7 @@ class ServerData:
         fit, shared = weighting_split(world.data)
         return cls(proxy=world.data.public, val=world.data.val, space=world.model_space(),
                    share=Counter(world.archs), proxy_labeled=world.data.public_labeled,
+                   proxy_truth=world.data.public_truth,
                    teacher_actors=world.scenario.server.teacher_actors,
                    eval_batch_size=world.scenario.server.eval_batch_size,
                    fit=fit, fit_shared=shared)
@@ -398,7 +401,6 @@ class FedDF(FedAvg):
         self.weighting = weighting
         self.weighting_params = dict(weighting_params or {})
         self.weigh = make_weighting(weighting, self.weighting_params)
-        self.teacher_weights: dict[int, list[dict[str, float]]] = {}
         self.distill_log: dict[int, dict[str, float]] = {}
         self.server: ServerData | None = None
         if proxy is not None or model_fn is not None:
@@ -470,15 +472,32 @@ class FedDF(FedAvg):
             label_counts=(torch.tensor(counts, dtype=torch.float64) if all(counts) else
                           torch.zeros(len(replies), logits.shape[-1], dtype=torch.float64)),
             val_logits=None if val is None else all_logits[:, len(public):],
-            val_labels=None if val is None else val.y)
+            val_labels=None if val is None else val.y,
+            cids=torch.tensor([self.node(r.metadata.src_node_id).cid for r in replies]))
         labels = public.y if server.proxy_labeled else None
-        weights = self.weigh(logits, ctx, labels)
-        targets = ensemble_targets(logits, weights, self.ensemble, self.temperature)
-        per_class = self.weighting == "class_counts"
-        classes = (labels if labels is not None else targets.argmax(1)) if per_class else None
-        self.teacher_weights[server_round] = weight_rows(
-            [self.node(r.metadata.src_node_id).cid for r in replies], weights, classes)
-        return targets
+        truth = public.y if server.proxy_truth else None
+        weights = self.weigh(logits, replace(ctx, truth=truth), labels)
+        cids = [self.node(r.metadata.src_node_id).cid for r in replies]
+        self.teacher_log.record(server_round, cids, logits, weights, truth,
+                                ensemble=self.ensemble)
+        stateful = getattr(self.weigh, "stateful", False)
+        if self.teacher_log.enabled and server.val is not None and not stateful:
+            self.diagnose_val(server_round, replies, ctx, all_logits[:, len(public):]
+                              if val is server.val else None)
+        return ensemble_targets(logits, weights, self.ensemble, self.temperature)
+
+    def diagnose_val(self, server_round: int, replies: Sequence[Message], ctx: TeacherContext,
+                     val_logits: torch.Tensor | None) -> None:
+        """Diagnose the weighted ensemble on the validation split (teachers' logits on it:
+        ``val_logits`` when the weighting pass has them, else one more pass)."""
+        val = self._server().val
+        assert val is not None
+        if val_logits is None:
+            val_logits = self.teachers(replies).logits(val.x)
+        weights = self.weigh(val_logits, replace(ctx, truth=val.y), None)
+        self.teacher_log.record(server_round, ctx.cids.tolist() if ctx.cids is not None else [],
+                                val_logits, weights, val.y, ensemble=self.ensemble,
+                                source="val", per_class=False)
 
     def distill_groups(self, server_round: int, groups: dict[str, ArrayRecord],
                        targets: torch.Tensor) -> tuple[dict[str, ArrayRecord], dict[str, float]]:

@@ -77,6 +77,7 @@ from torch import nn
 
 from fedkd.client import seed_for
 from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from fedkd.diagnostics import Batches
 from fedkd.distill import kd_kl, weighted_logits
 from fedkd.ensemble import Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
@@ -146,6 +147,7 @@ class _Round:
         self.rng = torch.Generator().manual_seed(seed)
         self.weight_sum = torch.zeros(len(teachers), dtype=torch.float64)
         self.weight_n = 0
+        self.batches = Batches() if strategy.teacher_log.enabled else None
         self.terms = {"gen-ce": 0.0, "gen-bn": 0.0, "gen-adv": 0.0}
         self.term_n = 0
 
@@ -178,6 +180,8 @@ class _Round:
         w = w.to(logits.dtype)
         self.weight_sum += w.detach().to(torch.float64).sum(dim=0).cpu()
         self.weight_n += len(x)
+        if self.batches is not None:
+            self.batches.add(logits, w, y)
         return weighted_logits(logits, w)
 
     def generator_loss(self, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +314,6 @@ class FedFTG(FedAvg):
         self.weighting, self.weighting_params = weighting, weighting_params
         self.weigh: Weighting = make_weighting(weighting, weighting_params)
         self.device = torch.device(device)
-        self.teacher_weights: dict[int, list[dict[str, float]]] = {}
         self.pool: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._generator: Generator | None = None
         self._gen_opt: torch.optim.Optimizer | None = None
@@ -378,10 +381,14 @@ class FedFTG(FedAvg):
             else:
                 g, f = self._fedftg_iteration(rnd, students, ft_opt)
             gen_loss, ft_loss = gen_loss + g, ft_loss + f
-        mean_w = (rnd.weight_sum / max(rnd.weight_n, 1)).tolist()
-        self.teacher_weights[server_round] = [
-            {"client": self.node(r.metadata.src_node_id).cid, "weight": w}
-            for r, w in zip(replies, mean_w, strict=True)]
+        cids = [self.node(r.metadata.src_node_id).cid for r in replies]
+        kept = rnd.batches.tensors() if rnd.batches is not None else None
+        if kept is not None:
+            self.teacher_log.record(server_round, cids, *kept, ensemble="logits",
+                                    source="generated")
+        else:
+            self.teacher_log.weights(server_round, cids,
+                                     rnd.weight_sum / max(rnd.weight_n, 1), "generated")
         out, kept = dict(groups), 0
         for arch, model in rnd.students.items():
             if self.rollback and not self._improves(model, groups[arch], arch):

@@ -85,6 +85,7 @@ from torch import nn
 
 from fedkd.client import ClientEnv, client_fn, seed_for
 from fedkd.comm import state_dict_to_arrayrecord
+from fedkd.diagnostics import Batches
 from fedkd.errors import ScenarioError
 from fedkd.feature_generator import (
     Generator,
@@ -286,7 +287,6 @@ class FedGen(FedAvg):
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.generator_record: ArrayRecord | None = None
         self.generator_labels: list[int] = []
-        self.teacher_weights: dict[int, list[dict[str, float]]] = {}
         self.generator_losses: dict[int, dict[str, float]] = {}
 
     def bind(self, world: World) -> None:
@@ -371,12 +371,16 @@ class FedGen(FedAvg):
         rng = torch.Generator().manual_seed(seed_for(self.seed, server_round, 11))
         sums = {"teacher": 0.0, "diversity": 0.0, "student": 0.0}
         w_total = torch.zeros(k, dtype=torch.float64)
+        batches = Batches() if self.teacher_log.enabled else None
         gen.train()
         for _ in range(self.generator_steps):
             y = pool[torch.randint(len(pool), (self.generator_batch_size,), generator=rng)]
             eps = gen.noise(len(y), rng)
             z = gen(y, eps)
-            w = weigh(teachers.logits(z), y)
+            logits = teachers.logits(z)
+            w = weigh(logits, y)
+            if batches is not None:
+                batches.add(logits, w, y)
             loss, parts = generator_loss(z, eps, y, teachers, w, students, self.ensemble_alpha,
                                          self.ensemble_beta, self.ensemble_eta)
             self.optimizer.zero_grad(set_to_none=True)
@@ -387,9 +391,14 @@ class FedGen(FedAvg):
         self.scheduler.step()
         steps = max(self.generator_steps, 1)
         self.generator_losses[server_round] = {key: v / steps for key, v in sums.items()}
-        w_mean = (w_total / (steps * self.generator_batch_size)).tolist()
-        self.teacher_weights[server_round] = [{"client": i.cid, "weight": float(m)}
-                                              for i, m in zip(infos, w_mean, strict=True)]
+        cids = [i.cid for i in infos]
+        kept = batches.tensors() if batches is not None else None
+        if kept is not None:
+            self.teacher_log.record(server_round, cids, *kept, ensemble="logits",
+                                    source="generated")
+        else:
+            self.teacher_log.weights(server_round, cids,
+                                     w_total / (steps * self.generator_batch_size), "generated")
         self.generator_labels = [int(c) for c in pool]
         self.generator_record = state_dict_to_arrayrecord(gen.state_dict())
 

@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -115,7 +116,14 @@ from strategies.local import (
     supervised,
     transfer_learning,
 )
-from strategies.weighting import TeacherContext, Weighting, make_weighting, weight_rows
+from strategies.weighting import (
+    TeacherContext,
+    Weighting,
+    check_weighting_split,
+    make_weighting,
+    uses_labels,
+    weighting_split,
+)
 
 QUERY_TYPE = f"{MessageType.QUERY}.fedmd_logits"
 DIGEST_TYPE = f"{MessageType.TRAIN}.fedmd_digest"
@@ -145,10 +153,41 @@ def record_logits(record: ArrayRecord) -> torch.Tensor:
 
 
 def teacher_context(nodes: Sequence[NodeInfo]) -> TeacherContext:
-    """What the handshake knows about the teachers ``nodes`` (sizes, label counts)."""
+    """What the handshake knows about the teachers ``nodes`` (sizes, label counts, ids)."""
     return TeacherContext(
         num_examples=torch.tensor([n.num_examples for n in nodes], dtype=torch.float64),
-        label_counts=torch.tensor([list(n.label_counts) for n in nodes], dtype=torch.float64))
+        label_counts=torch.tensor([list(n.label_counts) for n in nodes], dtype=torch.float64),
+        cids=torch.tensor([n.cid for n in nodes]))
+
+
+#: The reply record of a client's logits on the weighting split (label-using weightings).
+SPLIT_LOGITS = "split-logits"
+
+
+def peer_context(world: World | None, nodes: Sequence[NodeInfo], replies: Sequence[Message],
+                 weighting: Weighting, truth: torch.Tensor | None) -> TeacherContext:
+    """The context of peers that sent their logits: :func:`teacher_context`, the simulator's
+    ``truth`` of the shared samples and, for a label-using ``weighting``, the logits each
+    client sent on the weighting split (:func:`split_logits`) with the split's labels."""
+    ctx = replace(teacher_context(nodes), truth=truth)
+    if not uses_labels(weighting):
+        return ctx
+    split = None if world is None else weighting_split(world.data)[0]
+    if split is None:
+        raise ValueError("a label-using weighting needs bind(world) with a weighting split")
+    return replace(ctx, val_labels=split.y, val_logits=torch.stack(
+        [record_logits(r.content.array_records[SPLIT_LOGITS]) for r in replies]))
+
+
+def split_logits(model: torch.nn.Module, env: ClientEnv) -> dict[str, ArrayRecord]:
+    """The client's logits on the labeled weighting split, when the round's config asks
+    (``weighting-split``): the split's inputs are shared like the public data, its labels
+    stay with the server; the upload is counted like any other."""
+    if not int(env.config.get("weighting-split", 0)):
+        return {}
+    split, _ = weighting_split(env.world.data)
+    assert split is not None
+    return {SPLIT_LOGITS: logits_record(predict(model, split.x))}
 
 
 def consensus(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
@@ -302,12 +341,13 @@ class FedMD(Local):
         self.weighting = weighting
         self.weighting_params = weighting_params
         self.weigh = make_weighting(weighting, weighting_params)
-        self.teacher_weights: dict[int, list[dict[str, Any]]] = {}
         self.pretrain_stats: dict[int, dict[str, float]] = {}
 
     def bind(self, world: World) -> None:
         """Bind the world; FedMD needs a public split (labeled for transfer learning)."""
         require_public(world, "fedmd")
+        check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
+                              world.scenario.data.weight_fraction)
         super().bind(world)
 
     @property
@@ -332,7 +372,8 @@ class FedMD(Local):
             "digest-epochs": self.digest_epochs, "digest-lr": self.digest_lr,
             "digest-batch-size": self.digest_batch_size, "revisit-lr": self.lr or 0.0,
             "revisit-epochs": -1 if self.revisit_epochs is None else self.revisit_epochs,
-            "revisit-batch-size": self.revisit_batch_size or 0})
+            "revisit-batch-size": self.revisit_batch_size or 0,
+            "weighting-split": int(uses_labels(self.weigh))})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -348,11 +389,11 @@ class FedMD(Local):
         answered = [self.node(r.metadata.src_node_id) for r in replies]
         logits = torch.stack([record_logits(r.content.array_records["logits"])
                               for r in replies])
-        target, weights = consensus(logits, self.weigh, teacher_context(answered),
-                                    self.public_labels(server_round))
-        classes = target.argmax(1) if self.weighting == "class_counts" else None
-        self.teacher_weights[server_round] = weight_rows([n.cid for n in answered], weights,
-                                                         classes)
+        truth = self.public_truth(server_round)
+        ctx = peer_context(self.world, answered, replies, self.weigh, truth)
+        target, weights = consensus(logits, self.weigh, ctx, self.public_labels(server_round))
+        self.teacher_log.record(server_round, [n.cid for n in answered], logits, weights,
+                                truth, ensemble="logits", source="public")
         content = RecordDict({"consensus": logits_record(target), "config": cfg})
         return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
                         group_id=str(server_round)) for n in answered]
@@ -370,8 +411,15 @@ class FedMD(Local):
         """Labels of this round's alignment subset if the public split is labeled."""
         if self.world is None or not self.world.data.public_labeled:
             return None
-        pub = self.world.data.public
-        return pub.y[public_subset(len(pub), self.alignment_n, self.subset_seed(server_round))]
+        return self.public_truth(server_round)
+
+    def public_truth(self, server_round: int) -> torch.Tensor | None:
+        """The true labels of this round's alignment subset (diagnostics, ``oracle``)."""
+        if self.world is None or self.world.data.public is None:
+            return None
+        index = public_subset(len(self.world.data.public), self.alignment_n,
+                              self.subset_seed(server_round))
+        return self.world.data.public_truth_labels(torch.as_tensor(index))
 
 
 def query_logits(grid: Grid, nodes: Sequence[NodeInfo], config: ConfigRecord,
@@ -410,7 +458,8 @@ def fedmd_logits(msg: Message, env: ClientEnv) -> RecordDict:
         report = pretrain(model, env)
         env.save_private(model)
     logits = predict(model, alignment_inputs(env))
-    return RecordDict({"logits": logits_record(logits), "metrics": MetricRecord(report)})
+    return RecordDict({"logits": logits_record(logits), **split_logits(model, env),
+                       "metrics": MetricRecord(report)})
 
 
 def digest(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, epochs: int,

@@ -142,7 +142,7 @@ def test_teacher_rows_mean_over_students() -> None:
     _, mean_w = leave_one_out(TOY, by_size, CTX)
     rows = teacher_rows(nodes, mean_w)
     # teacher 2 weighs 0.6 in peer 0's target (vs size 2) and 0.75 in peer 1's (vs size 1)
-    assert rows[2] == {"client": 12, "weight": pytest.approx((0.6 + 0.75) / 2)}
+    assert (rows[2]["client"], rows[2]["weight"]) == (12, pytest.approx((0.6 + 0.75) / 2))
     assert teacher_rows(nodes[:1], mean_w[:1, :1]) == []
 
 
@@ -195,7 +195,8 @@ def test_configure_train_sends_each_peer_its_leave_one_out_target(ensemble: str)
         assert torch.equal(record_logits(m.content.array_records["peers"]), t)
         assert m.content.config_records["config"]["temperature"] == 2.0
         assert m.content.config_records["config"]["peer-ensemble"] == ensemble
-    assert [r["weight"] for r in strategy.teacher_weights[3]] == [pytest.approx(0.5)] * 3
+    rows = strategy.teacher_log.teacher_weights(3)
+    assert [r["weight"] for r in rows] == [pytest.approx(0.5)] * 3
 
 
 # ----------------------------------------------------------------------------- client handlers
@@ -248,5 +249,11 @@ def test_cli_dml_two_rounds(world: World, tmp_path: Path) -> None:
         assert r["failures"] == 0 and r["participants"] == 10
         assert r["bytes_up"] == r["bytes_down"] == 10 * logits_bytes
         assert r["bytes_up"] < weights_bytes
-    teachers = pq.read_table(run / "teachers.parquet").to_pylist()
+    rows = pq.read_table(run / "teachers.parquet").to_pylist()
+    teachers = [t for t in rows if t["client"] >= 0]
     assert len(teachers) == 20 and all(t["weight"] == pytest.approx(1 / 9) for t in teachers)
+    # one ensemble row per round; the diagnostics land in metrics.parquet
+    ensemble = [t for t in rows if t["client"] == -1]
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [t["acc"] for t in ensemble] == [m["teach_ens_acc"] for m in metrics]
+    assert all(m["teach_eff_k"] == pytest.approx(9.0) for m in metrics)

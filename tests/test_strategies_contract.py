@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from grids import run_in_process
 
 import strategies
-from fedkd.compose import from_dict, load_scenario
+from fedkd.compose import build_strategy, from_dict, load_scenario
 from fedkd.errors import ScenarioError
 from fedkd.world import build_world
 from strategies import STRATEGIES, get_strategy
@@ -44,6 +44,9 @@ SMALL: dict[str, dict[str, Any]] = {
     "fedgen": {"generator_steps": 2},
     "fedmd": {},
 }
+
+#: Strategies with a teacher ensemble, and its size on the toy run (uniform weights).
+ENSEMBLES = {"dml": 3.0, "feddf": 4.0, "fedftg": 4.0, "fedmd": 4.0}
 
 #: Off-switch parameters and the strategy they must then equal.
 OFF_SWITCH: dict[str, tuple[dict[str, Any], str]] = {
@@ -90,8 +93,17 @@ def test_unknown_param_names_the_key(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_two_toy_rounds_are_deterministic(name: str, tmp_path: Path) -> None:
-    first = _run(tmp_path / "a", _params(name))
-    again = _run(tmp_path / "b", _params(name))
+    """Also: the teacher diagnostics (on in the first run, off in the second) change
+    nothing, and every teacher ensemble records them."""
+    world = build_world(load_scenario(QUICKSTART, [*TOY, *_params(name)]))
+    strategy = build_strategy(world.scenario, world)
+    first = run_in_process(world, tmp_path / "a", strategy)
+    again = _run(tmp_path / "b", [*_params(name), "server.teacher_diagnostics=false"])
+    if name in ENSEMBLES:
+        for rnd in (1, 2):
+            diag = strategy.teacher_log.metrics[rnd]
+            assert 0.0 <= diag["teach-ens-acc"] <= 1.0 and 0.0 <= diag["teach-w-entropy"] <= 1
+            assert diag["teach-eff-k"] == pytest.approx(ENSEMBLES[name])
     accs = _accs(first)
     assert len(first) == 2 and accs and all(0.0 <= a <= 1.0 for a in accs)
     assert all(r.train_metrics.get("failures", 0) == 0 for r in first)

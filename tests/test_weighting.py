@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -148,8 +149,9 @@ def test_unknown_name_and_bad_params_are_scenario_errors() -> None:
 
 
 def test_registry_lists_every_weighting() -> None:
-    assert WEIGHTINGS.names() == ["agreement", "class_counts", "confidence", "data_size",
-                                  "entropy", "learned", "uniform", "validation"]
+    assert WEIGHTINGS.names() == ["agreement", "certainty", "class_counts", "confidence",
+                                  "data_size", "entropy", "kt_pfl", "learned", "oracle",
+                                  "per_class_validation", "uniform", "validation", "variance"]
 
 
 def test_weight_rows_mean_and_per_class() -> None:
@@ -170,7 +172,7 @@ def _split(n: int) -> TensorSplit:
 
 def test_only_validation_and_learned_use_labels() -> None:
     flagged = [n for n in WEIGHTINGS.names() if uses_labels(make_weighting(n))]
-    assert flagged == ["learned", "validation"]
+    assert flagged == ["learned", "per_class_validation", "validation"]
 
 
 def test_weighting_split_prefers_the_separate_weight_split() -> None:
@@ -184,6 +186,177 @@ def test_weighting_split_prefers_the_separate_weight_split() -> None:
 
 
 def test_label_using_weightings_name_both_splits_when_none_is_given() -> None:
-    for name in ("validation", "learned"):
+    for name in ("validation", "learned", "per_class_validation"):
         with pytest.raises(ValueError, match="data.weight_fraction > 0 or data.val_fraction"):
             make_weighting(name)(LOGITS, CTX)
+
+
+# --- per_class_validation, variance, oracle -----------------------------------------------
+
+def _onehot_logits(pred: list[list[int]], num_classes: int = 3) -> torch.Tensor:
+    """``(K, N, C)`` logits with 3.0 on each teacher's predicted class (0 elsewhere)."""
+    return 3.0 * torch.nn.functional.one_hot(torch.tensor(pred), num_classes).to(torch.float64)
+
+
+VAL_LABELS = torch.tensor([0, 0, 1, 1])  # class 2 has no validation sample
+VAL_LOGITS = _onehot_logits([
+    [1, 2, 0, 2],  # teacher 0: wrong on every sample
+    [0, 0, 0, 0],  # teacher 1: never predicts class 1 (held no sample of it)
+    [0, 1, 1, 1],  # teacher 2: one miss on class 0
+])
+VAL_CTX = TeacherContext(torch.ones(3), torch.ones(3, 3), val_logits=VAL_LOGITS,
+                         val_labels=VAL_LABELS)
+#: three weighted samples on which every teacher predicts class 0, 1, 2 in turn
+SAME = _onehot_logits([[0, 1, 2]] * 3)
+
+
+def test_per_class_validation_class_accuracy_by_hand() -> None:
+    acc = make_weighting("per_class_validation").class_accuracy(VAL_LOGITS, VAL_LABELS, 3)
+    # class 0: 0/2, 2/2, 1/2; class 1: 0/2, 0/2, 2/2; class 2 (no sample): overall 0, 2/4, 3/4
+    assert torch.equal(acc, torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 1.0], [0.0, 0.5, 0.75]],
+                                         dtype=torch.float64))
+
+
+def test_per_class_validation_weights_given_and_predicted_labels() -> None:
+    pcv = make_weighting("per_class_validation")
+    w = pcv(SAME, VAL_CTX, labels=torch.tensor([0, 1, 2]))
+    expected = torch.tensor([[0.0, 2 / 3, 1 / 3],   # all-wrong teacher 0 gets nothing
+                             [0.0, 0.0, 1.0],       # teacher 1 never got class 1 right
+                             [0.0, 0.4, 0.6]],      # no class-2 sample: overall accuracy
+                            dtype=torch.float64)
+    assert torch.allclose(w, expected)
+    rows_sum_to_one(w)
+    # without labels the uniform ensemble predicts classes 0, 1, 2 on these samples
+    assert torch.equal(pcv(SAME, VAL_CTX), w)
+    assert torch.equal(pcv(SAME, VAL_CTX, labels=torch.tensor([1, 1, 0])), expected[[1, 1, 0]])
+
+
+def test_per_class_validation_zero_class_is_uniform_and_floor_smooths() -> None:
+    all_miss_class_1 = _onehot_logits([[1, 2, 0, 2], [0, 0, 0, 0], [0, 0, 0, 2]])
+    ctx = TeacherContext(torch.ones(3), torch.ones(3, 3), val_logits=all_miss_class_1,
+                         val_labels=VAL_LABELS)
+    w = make_weighting("per_class_validation")(SAME, ctx)
+    assert torch.allclose(w, torch.tensor([[0.0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3],
+                                           [0.0, 0.5, 0.5]], dtype=torch.float64))
+    floored = make_weighting("per_class_validation", {"floor": 1.0})(SAME, VAL_CTX)
+    assert torch.allclose(floored, torch.tensor([[1 / 4.5, 2 / 4.5, 1.5 / 4.5],
+                                                 [0.25, 0.25, 0.5],
+                                                 [1 / 4.25, 1.5 / 4.25, 1.75 / 4.25]],
+                                                dtype=torch.float64))
+
+
+def test_per_class_validation_identical_teachers_and_dtype() -> None:
+    same_val = VAL_LOGITS[2:].expand(3, -1, -1)
+    ctx = TeacherContext(torch.ones(3), torch.ones(3, 3), val_logits=same_val,
+                         val_labels=VAL_LABELS)
+    w = make_weighting("per_class_validation")(SAME.to(torch.float32), ctx)
+    assert w.dtype == torch.float32
+    assert torch.allclose(w, torch.full((3, 3), 1 / 3))
+
+
+def _variance_by_hand(p: list[list[float]], temperature: float, penalty: float) -> list[float]:
+    """One sample's variance weights from the teachers' probability vectors ``p``, in plain
+    Python: softmax of (max prob - penalty * squared distance from the confidence-weighted
+    consensus) / T."""
+    def softmax(v: list[float]) -> list[float]:
+        e = [math.exp(x / temperature) for x in v]
+        return [x / sum(e) for x in e]
+
+    conf = [max(pk) for pk in p]
+    w0 = softmax(conf)
+    q = [sum(w0[k] * p[k][c] for k in range(len(p))) for c in range(len(p[0]))]
+    spread = [sum((pk[c] - q[c]) ** 2 for c in range(len(q))) for pk in p]
+    return softmax([conf[k] - penalty * spread[k] for k in range(len(p))])
+
+
+def test_variance_down_weights_the_confident_dissenter() -> None:
+    # teachers 0 and 1 agree on both samples; teacher 2 is confidently wrong on both
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [0.0, 2.0]],
+                           [[0.0, 4.0], [4.0, 0.0]]], dtype=torch.float64)
+    conf = make_weighting("confidence", {"temperature": 1.0})(logits, CTX)
+    assert (conf.argmax(dim=1) == 2).all()  # confidence alone trusts the dissenter most
+    w = make_weighting("variance", {"temperature": 1.0, "penalty": 1.0})(logits, CTX)
+    a, b = 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(-4))
+    expected = _variance_by_hand([[a, 1 - a], [a, 1 - a], [1 - b, b]], 1.0, 1.0)
+    assert torch.allclose(w, torch.tensor([expected] * 2, dtype=torch.float64))
+    assert (w.argmin(dim=1) == 2).all() and torch.equal(w[:, 0], w[:, 1])
+    assert w[0, 2].item() == pytest.approx(0.2650, abs=1e-4)
+    rows_sum_to_one(w)
+
+
+def test_variance_without_penalty_is_confidence_and_identical_teachers_are_uniform() -> None:
+    for t in (0.1, 0.5, 2.0):
+        assert torch.equal(make_weighting("variance", {"temperature": t, "penalty": 0.0})(
+            LOGITS, CTX), make_weighting("confidence", {"temperature": t})(LOGITS, CTX))
+    w = make_weighting("variance", {"temperature": 0.5, "penalty": 2.0})(LOGITS, CTX)
+    p = torch.softmax(LOGITS, dim=2).tolist()
+    for n in range(2):
+        expected = _variance_by_hand([p[k][n] for k in range(3)], 0.5, 2.0)
+        assert w[n].tolist() == pytest.approx(expected)
+    same = LOGITS[:1].expand(3, -1, -1).to(torch.float32)
+    w32 = make_weighting("variance")(same, CTX)
+    assert w32.dtype == torch.float32
+    assert torch.allclose(w32, torch.full((2, 3), 1 / 3))
+
+
+def test_oracle_weights_by_the_probability_of_the_true_label() -> None:
+    truth = torch.tensor([0, 1])
+    ctx = dataclasses.replace(CTX, truth=truth)
+    w = make_weighting("oracle", {"temperature": 1.0})(LOGITS, ctx)
+    e = math.e
+    p0 = [e**2 / (e**2 + 2), 1 / 3, e / (2 * e + 1)]   # p_k(0 | x_0)
+    p1 = [1 / 3, e**3 / (e**3 + 2), e / (e + 2)]       # p_k(1 | x_1)
+    assert w[0].tolist() == pytest.approx([x / sum(p0) for x in p0])
+    assert w[1].tolist() == pytest.approx([x / sum(p1) for x in p1])
+    sharp = make_weighting("oracle", {"temperature": 0.5})(LOGITS, ctx)
+    assert sharp[1].tolist() == pytest.approx([x**2 / sum(y**2 for y in p1) for x in p1])
+    rows_sum_to_one(sharp)
+    # the true labels win over given labels; given labels are the fallback
+    oracle = make_weighting("oracle", {"temperature": 1.0})
+    assert torch.equal(oracle(LOGITS, ctx, labels=torch.tensor([1, 0])), w)
+    assert torch.equal(oracle(LOGITS, CTX, labels=truth), w)
+
+
+def test_oracle_all_wrong_teacher_identical_teachers_and_missing_labels() -> None:
+    logits = torch.tensor([[[3.0, 0.0], [0.0, 3.0]], [[0.0, 3.0], [3.0, 0.0]]],
+                          dtype=torch.float32)  # teacher 1 is wrong on both samples
+    ctx = dataclasses.replace(CTX, truth=torch.tensor([0, 1]))
+    w = make_weighting("oracle")(logits, ctx)  # T = 0.1: w_1 = 1 / (1 + e^(3 / 0.1))
+    assert w.dtype == torch.float32
+    assert w[:, 1].tolist() == pytest.approx([1 / (1 + math.exp(30))] * 2, rel=1e-4)
+    rows_sum_to_one(w)
+    same = logits[:1].expand(3, -1, -1)
+    assert torch.allclose(make_weighting("oracle")(same, ctx), torch.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match="the oracle weighting needs the true labels"):
+        make_weighting("oracle")(LOGITS, CTX)
+
+
+def test_only_the_oracle_is_an_upper_bound() -> None:
+    marked = [n for n in WEIGHTINGS.names() if getattr(WEIGHTINGS.get(n), "upper_bound", False)]
+    assert marked == ["oracle"]
+    assert not uses_labels(make_weighting("oracle"))
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("per_class_validation", {"floor": -0.1}), ("variance", {"temperature": 0}),
+    ("variance", {"penalty": -1}), ("oracle", {"temperature": -1.0}),
+])
+def test_new_weightings_bad_params_are_scenario_errors(name: str,
+                                                       params: dict[str, float]) -> None:
+    with pytest.raises(ScenarioError) as exc:
+        make_weighting(name, params)
+    assert exc.value.path == "strategy.params.weighting_params"
+
+
+def test_fedkd_list_marks_the_upper_bound(capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedkd.engine.simulate
+    from fedkd.cli import main
+
+    monkeypatch.setattr(fedkd.engine.simulate, "interrupt_on_sigterm", lambda: None)
+    assert main(["list"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("weightings:"))
+    names = line.removeprefix("weightings: ").split(", ")
+    assert "oracle (upper bound: uses the true labels; not a method)" in names
+    assert "per_class_validation" in names and "variance" in names and "uniform" in names
+    assert sum("upper bound" in n for n in names) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedkd.data.base import LoadedDataset, TensorSplit
 from fedkd.errors import ScenarioError
@@ -42,6 +43,10 @@ class DataBundle:
     weight : TensorSplit or None
         Labeled server split on which label-using teacher weightings fit, disjoint from
         ``val`` (None: they fit on ``val``; see :func:`strategies.weighting.weighting_split`).
+    public_truth : bool
+        Whether ``public.y`` are true labels of the private task (a held-out part of its
+        train set, or a labeled public dataset): the teacher diagnostics and the ``oracle``
+        weighting measure against them even when strategies may not read them.
     """
 
     pool: TensorSplit
@@ -53,6 +58,13 @@ class DataBundle:
     input_shape: tuple[int, ...]
     name: str
     weight: TensorSplit | None = None
+    public_truth: bool = False
+
+    def public_truth_labels(self, index: torch.Tensor | None = None) -> torch.Tensor | None:
+        """True labels of the public samples (``index``: a subset), None when unknown."""
+        if self.public is None or not self.public_truth:
+            return None
+        return self.public.y if index is None else self.public.y[index]
 
 
 def _check_fraction(path: str, value: float) -> float:
@@ -196,4 +208,5 @@ def build_bundle(
         input_shape=tuple(dataset.input_shape),
         name=dataset.name,
         weight=dataset.train.subset(weight_idx) if len(weight_idx) > 0 else None,
+        public_truth=public is not None and (public_dataset is None or bool(public_labeled)),
     )

@@ -49,7 +49,8 @@ class RunRecorder:
         The run folder (created by the caller).
     strategy : Any
         The running strategy: maps node ids to clients (``node(nid).cid``) and may expose
-        ``teacher_weights[round]`` (rows of per-teacher weights) for ``teachers.parquet``.
+        ``teacher_log`` (:class:`fedkd.diagnostics.TeacherLog`): per-teacher rows for
+        ``teachers.parquet`` and the round's teacher diagnostics for ``metrics.parquet``.
     metrics_port : int, optional
         Serve Prometheus metrics on ``127.0.0.1:<port>``.
     progress : bool
@@ -89,6 +90,9 @@ class RunRecorder:
         row: dict[str, Any] = {"round": res.round, **res.eval_metrics}
         row.update({k.replace("-", "_"): v for k, v in res.train_metrics.items()
                     if isinstance(v, int | float) and k != "num-examples"})
+        log = getattr(self.strategy, "teacher_log", None)
+        if log is not None:
+            row.update({k.replace("-", "_"): v for k, v in log.metrics.get(res.round, {}).items()})
         row.update({
             "train_loss": res.train_metrics.get("train-loss"),
             "bytes_down": down, "bytes_up": up,
@@ -108,9 +112,9 @@ class RunRecorder:
                 if self.world.has_local_tests else {})}
             for nid, t in sorted(res.traffic.items(), key=lambda kv: self._cid(kv[0]))
             if t.down or t.up or t.failed or t.metrics or t.eval])
-        weights = getattr(self.strategy, "teacher_weights", {}).get(res.round)
-        if weights:
-            self.teachers.extend([{"round": res.round, **w} for w in weights])
+        teachers = log.rows.get(res.round) if log is not None else None
+        if teachers:
+            self.teachers.extend([{"round": res.round, **t} for t in teachers])
         if self.prom is not None:
             self.prom.update(res.round, row.get("acc"), row.get("loss"), down, up)
         acc = row.get("acc")
