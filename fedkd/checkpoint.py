@@ -12,7 +12,9 @@ folder renamed over the old one):
 The strategy's state is its attributes, walked generically: numbers, strings, containers,
 tensors, NumPy arrays, ArrayRecords, dataclass records, and the state dicts of its modules,
 optimizers, LR schedulers and torch generators. The world, the server-side data it derives
-from it and the teacher weighting are rebuilt from the scenario instead. A module built on
+from it and the teacher weighting are rebuilt from the scenario instead (a weighting that learns
+across rounds, ``kt_pfl``, also saves its ``state_dict``); the teacher log is not saved, its
+rows are already in the records. A module built on
 first use (``_x`` behind a property ``x``) is built before its state is loaded.
 
 ``fedkd simulate --resume RUN_DIR`` rebuilds the run from ``RUN_DIR/scenario.yaml``, loads
@@ -37,7 +39,7 @@ from torch import nn
 
 #: Strategy attributes rebuilt from the scenario, never saved (``nodes``: the handshake is
 #: repeated, as node ids may differ between engines).
-REBUILT = {"world", "server", "weigh", "strategy", "nodes"}
+REBUILT = {"world", "server", "weigh", "strategy", "nodes", "teacher_log"}
 TAG = "__fedkd__"
 
 
@@ -127,6 +129,9 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
     inner = vars(strategy).get("strategy")
     if inner is not None:
         out[f"{TAG}inner"] = strategy_state(inner)
+    weigh = vars(strategy).get("weigh")
+    if hasattr(weigh, "state_dict"):  # a weighting that learns across rounds (kt_pfl)
+        out[f"{TAG}weigh"] = to_safe(weigh.state_dict())
     return out
 
 
@@ -135,6 +140,8 @@ def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
     inner = state.get(f"{TAG}inner")
     if inner is not None:
         load_strategy_state(vars(strategy)["strategy"], inner)
+    if f"{TAG}weigh" in state:
+        vars(strategy)["weigh"].load_state_dict(from_safe(state[f"{TAG}weigh"], None))
     for name, saved in state.items():
         if name.startswith(TAG):
             continue

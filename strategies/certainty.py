@@ -86,12 +86,16 @@ Where fedkd differs from the reference code, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
-from strategies.weighting import WEIGHTINGS, TeacherContext
+from fedkd.client import ClientEnv, client_fn, seed_for, train
+from strategies.weighting import WEIGHTINGS, TeacherContext, make_weighting
 
 #: Rows whose certainty scores sum to at most this are given uniform weights.
 ZERO_TOTAL = 1e-12
@@ -425,3 +429,38 @@ class Certainty:
             raise ValueError(f"certainty scores must be (K, N) = {expected}, "
                              f"got {tuple(ctx.certainty.shape)}")
         return certainty_weights(ctx.certainty).to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------- client
+#: The train message of a client that also uploads its certainty scores (FedDF + FedAUX).
+CERTAINTY_TRAIN = f"{MessageType.TRAIN}.certainty"
+
+#: Seed purpose of a client's scorer noise: fixed per client across rounds, so re-sending the
+#: same scores spends no further privacy.
+SCORER_SEED = 4711
+
+
+@client_fn(CERTAINTY_TRAIN)
+def train_with_certainty(msg: Message, env: ClientEnv) -> RecordDict:
+    """FedAvg's local update, plus this client's certainty scores on the proxy split.
+
+    The scorer's settings are the scenario's ``weighting_params``; the scores depend on the
+    client's data and the public split only, so every round sends the same ``(N,)`` float32
+    array (counted in the upload) where FedAUX sends it once.
+    """
+    reply = train(msg, env)
+    weighting = make_weighting("certainty",
+                               env.world.scenario.strategy.params.get("weighting_params"))
+    public = env.world.data.public
+    assert public is not None
+    scores = certainty_scores(env.data.x, public.x, public.x, weighting.params,
+                              seed=seed_for(env.world.scenario.seed, env.cid, SCORER_SEED))
+    reply["certainty"] = ArrayRecord({"scores": Array(scores.numpy())})
+    return reply
+
+
+def uploaded_scores(replies: Sequence[Message]) -> torch.Tensor:
+    """``(K, N)`` the certainty scores the replying clients uploaded, in reply order."""
+    return torch.stack([torch.from_numpy(np.array(
+        r.content.array_records["certainty"]["scores"].numpy(), dtype=np.float32))
+        for r in replies])

@@ -85,8 +85,10 @@ from strategies.local import Local
 from strategies.weighting import (
     TeacherContext,
     Weighting,
+    check_supported,
     check_weighting_split,
     make_weighting,
+    per_client,
     uses_labels,
     weighting_split,
 )
@@ -138,8 +140,10 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
             targets.append(None)
             continue
         student = None if ctx.cids is None else int(ctx.cids[k])
-        w = weighting(logits[keep], replace(ctx.select(keep), student=student,
-                                            student_logits=logits[k]), labels)
+        sub = replace(ctx.select(keep), student=student, student_logits=logits[k])
+        if per_client(weighting) and student is not None:
+            weighting.update(logits[keep], sub)  # type: ignore[attr-defined]
+        w = weighting(logits[keep], sub, labels)
         if weights_out is not None:
             weights_out.append((keep, w))
         targets.append(weighted_probs(logits[keep], w, temperature) if ensemble == "probs"
@@ -206,6 +210,7 @@ class DML(Local):
     def bind(self, world: World) -> None:
         """Bind the world; DML among peers needs a public split."""
         require_public(world, "dml")
+        check_supported(self.weigh, self.weighting, "dml", per_client_targets=True)
         check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
                               world.scenario.data.weight_fraction)
         super().bind(world)

@@ -64,7 +64,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from torch import nn
 
 from fedkd.client import seed_for
@@ -76,11 +76,14 @@ from fedkd.errors import ScenarioError
 from fedkd.train import batch_indices, evaluate, fit
 from fedkd.world import World
 from strategies import STRATEGIES
+from strategies.certainty import CERTAINTY_TRAIN, uploaded_scores
 from strategies.fedavg import FedAvg, num_examples
 from strategies.weighting import (
     TeacherContext,
+    check_supported,
     check_weighting_split,
     make_weighting,
+    needs_client_scores,
     uses_labels,
     weighting_split,
 )
@@ -426,8 +429,14 @@ class FedDF(FedAvg):
         server = ServerData.of_world(world)
         check_weighting_split(self.weigh, self.weighting, server.weighting_data,
                               d.weight_fraction)
+        check_supported(self.weigh, self.weighting, "feddf", client_scores=True)
         super().bind(world)
         self.server = server
+
+    @property
+    def train_type(self) -> str:  # type: ignore[override]
+        """FedAvg's train message, or the one that also uploads certainty scores (FedAUX)."""
+        return CERTAINTY_TRAIN if needs_client_scores(self.weigh) else MessageType.TRAIN
 
     # -------------------------------------------------------------------------- aggregation
     def fuse(self, server_round: int, replies: Sequence[Message],
@@ -473,15 +482,17 @@ class FedDF(FedAvg):
                           torch.zeros(len(replies), logits.shape[-1], dtype=torch.float64)),
             val_logits=None if val is None else all_logits[:, len(public):],
             val_labels=None if val is None else val.y,
-            cids=torch.tensor([self.node(r.metadata.src_node_id).cid for r in replies]))
+            cids=torch.tensor([self.node(r.metadata.src_node_id).cid for r in replies]),
+            certainty=uploaded_scores(replies) if needs_client_scores(self.weigh) else None)
         labels = public.y if server.proxy_labeled else None
         truth = public.y if server.proxy_truth else None
         weights = self.weigh(logits, replace(ctx, truth=truth), labels)
         cids = [self.node(r.metadata.src_node_id).cid for r in replies]
         self.teacher_log.record(server_round, cids, logits, weights, truth,
                                 ensemble=self.ensemble)
-        stateful = getattr(self.weigh, "stateful", False)
-        if self.teacher_log.enabled and server.val is not None and not stateful:
+        # scores uploaded for the proxy samples only: no weights on the validation split
+        proxy_only = needs_client_scores(self.weigh)
+        if self.teacher_log.enabled and server.val is not None and not proxy_only:
             self.diagnose_val(server_round, replies, ctx, all_logits[:, len(public):]
                               if val is server.val else None)
         return ensemble_targets(logits, weights, self.ensemble, self.temperature)

@@ -95,6 +95,7 @@ from strategies.fedavg import FedAvg
 from strategies.weighting import (
     TeacherContext,
     Weighting,
+    check_supported,
     check_weighting_split,
     class_weights,
     make_weighting,
@@ -320,6 +321,7 @@ class FedFTG(FedAvg):
 
     def bind(self, world: Any) -> None:
         """Check what the mode needs of the world, then bind it."""
+        check_supported(self.weigh, self.weighting, "fedftg")
         if not self.label_weighting:
             check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
                                   world.scenario.data.weight_fraction)

@@ -101,7 +101,7 @@ from fedkd.train import device_of, train_supervised
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg, NodeInfo
-from strategies.weighting import TeacherContext, class_weights, make_weighting
+from strategies.weighting import TeacherContext, check_supported, class_weights, make_weighting
 
 TRAIN_TYPE = f"{MessageType.TRAIN}.fedgen"
 DECAY = 0.98
@@ -291,6 +291,7 @@ class FedGen(FedAvg):
 
     def bind(self, world: World) -> None:
         """Check that every architecture shares one latent width and build the generator."""
+        check_supported(self.weigh, self.weighting, "fedgen")
         super().bind(world)
         dims = {arch: int(world.new_model(arch, seed=0).latent_dim) for arch in world.groups}
         self.ensure_generator(world.data.num_classes, check_latent_dims(dims))

@@ -119,8 +119,10 @@ from strategies.local import (
 from strategies.weighting import (
     TeacherContext,
     Weighting,
+    check_supported,
     check_weighting_split,
     make_weighting,
+    update_students,
     uses_labels,
     weighting_split,
 )
@@ -201,7 +203,9 @@ def consensus(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
     weighting : Weighting
         The weighting plug, giving ``(N, K)`` weights.
     ctx : TeacherContext
-        What the server knows about the K clients.
+        What the server knows about the K clients; a per-client weighting (``kt_pfl``) is
+        first updated with each client as the student, and the consensus then takes the
+        mean of the present clients' coefficient rows.
     labels : torch.Tensor, optional
         Alignment labels, only when the public split is labeled.
 
@@ -210,6 +214,7 @@ def consensus(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
     tuple[torch.Tensor, torch.Tensor]
         The ``(N, C)`` consensus and the ``(N, K)`` weights.
     """
+    update_students(weighting, logits, ctx)
     weights = weighting(logits, ctx, labels)
     return weighted_logits(logits, weights), weights
 
@@ -346,6 +351,7 @@ class FedMD(Local):
     def bind(self, world: World) -> None:
         """Bind the world; FedMD needs a public split (labeled for transfer learning)."""
         require_public(world, "fedmd")
+        check_supported(self.weigh, self.weighting, "fedmd", per_client_targets=True)
         check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
                               world.scenario.data.weight_fraction)
         super().bind(world)

@@ -495,6 +495,61 @@ def weighting_split(data: DataBundle) -> tuple[TensorSplit | None, bool]:
     return data.val, True
 
 
+def per_client(weighting: Weighting) -> bool:
+    """Whether ``weighting`` keeps per-client state updated each round from the students'
+    own predictions (``stateful``: ``kt_pfl``); only per-client targets can feed it."""
+    return bool(getattr(weighting, "stateful", False))
+
+
+def needs_client_scores(weighting: Weighting) -> bool:
+    """Whether ``weighting`` weighs by scores the clients upload (``client_scores``:
+    ``certainty``)."""
+    return bool(getattr(weighting, "client_scores", False))
+
+
+def check_supported(weighting: Weighting, name: str, strategy: str, *,
+                    per_client_targets: bool = False, client_scores: bool = False) -> None:
+    """Raise when ``strategy`` cannot feed the weighting registered as ``name``: a
+    per-client weighting without per-client targets, or one weighing by client-uploaded
+    scores where the clients do not see the weighted samples.
+
+    Raises
+    ------
+    ScenarioError
+        Naming ``strategy.params.weighting``.
+    """
+    if per_client(weighting) and not per_client_targets:
+        raise ScenarioError("strategy.params.weighting", name,
+                            f"a weighting {strategy} supports: {name!r} learns per-client "
+                            "targets (strategies dml and fedmd)")
+    if needs_client_scores(weighting) and not client_scores:
+        raise ScenarioError("strategy.params.weighting", name,
+                            f"a weighting {strategy} supports: {name!r} needs the clients' "
+                            "scores on the proxy samples (strategy feddf)")
+
+
+def update_students(weighting: Weighting, logits: torch.Tensor, ctx: TeacherContext,
+                    students: Sequence[int] | None = None) -> None:
+    """Update a per-client weighting (:func:`per_client`) once for each student.
+
+    Parameters
+    ----------
+    weighting : Weighting
+        Updated through its ``update(logits, ctx)``; any other weighting is left alone.
+    logits : torch.Tensor
+        ``(K, N, C)`` every client's logits on the shared samples.
+    ctx : TeacherContext
+        Their context, with ``cids``.
+    students : Sequence[int], optional
+        Indices (into K) of the students to update; all K when None.
+    """
+    if not per_client(weighting) or ctx.cids is None:
+        return
+    for i in range(logits.shape[0]) if students is None else students:
+        weighting.update(logits, dataclasses.replace(  # type: ignore[attr-defined]
+            ctx, student=int(ctx.cids[i]), student_logits=logits[i]))
+
+
 def check_weighting_split(weighting: Weighting, name: str, split: TensorSplit | None,
                           weight_fraction: float) -> None:
     """Raise when a label-using ``weighting`` (registered as ``name``) has no labeled server
