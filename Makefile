@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: evidence-fedftg evidence-directions demo test bench evidence evidence-comm lint clean
+.PHONY: evidence-weighting evidence-fedftg evidence-directions demo test bench evidence evidence-comm lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,8 @@ HETERO := --set 'clients.models=[{arch: cnn_small, fraction: 0.5}, {arch: mlp, f
 WEIGHTINGS := uniform,data_size,class_counts,confidence,entropy,validation,agreement,learned
 WEIGHTING_SET := --set data.params.train_limit=10000 --set data.params.test_limit=2000 \
 	--set rounds=10 --set strategy.name=feddf --set clients.models.0.arch=mlp
+
+comma := ,
 
 # copy a study's report and plots into docs/results/<study>/ (what README shows)
 publish = mkdir -p docs/results/$(1) && cp runs/evidence/$(1)/report.md runs/evidence/$(1)/*.png docs/results/$(1)/
@@ -81,6 +83,31 @@ evidence-directions: $(STAMP)
 		--grid strategy.name=$(DIRECTIONS) --out runs/evidence/directions
 	$(BIN)/fedkd report runs/evidence/directions --baseline name=fedavg
 	$(call publish,directions)
+
+# The multi-teacher weighting study: every weighting x {FedDF, FedMD, FedGen, DML} x 3 seeds on
+# non-IID Fashion-MNIST scaled to 2 cores (6,000 images, 10 rounds, mlp), the same budget per
+# configuration, with a separate 5 % labeled weighting split for every run (so label-using
+# weightings get no extra data over the others) and the oracle as the ceiling; teacher
+# diagnostics and a paired comparison against uniform per algorithm (README "Results").
+# About 25 minutes on 2 cores.
+STUDY_SET := --set data.params.train_limit=6000 --set data.params.test_limit=2000 \
+	--set rounds=10 --set clients.models.0.arch=mlp --set data.weight_fraction=0.05 \
+	--set engine.name=inline --set engine.threads=1 --set server.threads=1 \
+	--seeds 0,1,2 --parallel 2
+W_ANY := uniform,data_size,class_counts,confidence,entropy,agreement,variance,oracle
+W_LABELED := validation,learned,per_class_validation
+# sweep one algorithm over its weightings, report against uniform, publish
+study = $(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(STUDY_SET) --set strategy.name=$(1) \
+	$(2) --grid strategy.params.weighting=$(3) --out runs/evidence/weighting-$(1) && \
+	$(BIN)/fedkd report runs/evidence/weighting-$(1) --baseline weighting=uniform && \
+	mkdir -p docs/results/weighting-$(1) && \
+	cp runs/evidence/weighting-$(1)/*.md runs/evidence/weighting-$(1)/*.png docs/results/weighting-$(1)/
+
+evidence-weighting: $(STAMP)
+	$(call study,feddf,,$(W_ANY)$(comma)$(W_LABELED)$(comma)certainty)
+	$(call study,fedmd,,$(W_ANY)$(comma)$(W_LABELED)$(comma)kt_pfl)
+	$(call study,dml,,$(W_ANY)$(comma)$(W_LABELED)$(comma)kt_pfl)
+	$(call study,fedgen,--set strategy.params.label_weighting=false,$(W_ANY))
 
 # Accuracy per MB under codecs and a tight budget, and deadlines on heterogeneous devices
 # (non-IID Fashion-MNIST scaled to 2 cores; README "Results"); about 15 minutes on 2 cores.

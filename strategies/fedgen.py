@@ -291,7 +291,8 @@ class FedGen(FedAvg):
 
     def bind(self, world: World) -> None:
         """Check that every architecture shares one latent width and build the generator."""
-        check_supported(self.weigh, self.weighting, "fedgen")
+        check_supported(self.weigh, self.weighting, "fedgen",
+                        labeled_split=self.label_weighting)
         super().bind(world)
         dims = {arch: int(world.new_model(arch, seed=0).latent_dim) for arch in world.groups}
         self.ensure_generator(world.data.num_classes, check_latent_dims(dims))
@@ -343,7 +344,7 @@ class FedGen(FedAvg):
             label_counts = torch.tensor([i.label_counts for i in infos], dtype=torch.float64)
         return TeacherContext(
             num_examples=torch.tensor([i.num_examples for i in infos], dtype=torch.float64),
-            label_counts=label_counts.to(torch.float64))
+            label_counts=label_counts.to(torch.float64), cids=torch.tensor([i.cid for i in infos]))
 
     def weights_fn(self, ctx: TeacherContext,
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

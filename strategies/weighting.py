@@ -508,10 +508,12 @@ def needs_client_scores(weighting: Weighting) -> bool:
 
 
 def check_supported(weighting: Weighting, name: str, strategy: str, *,
-                    per_client_targets: bool = False, client_scores: bool = False) -> None:
+                    per_client_targets: bool = False, client_scores: bool = False,
+                    labeled_split: bool = True) -> None:
     """Raise when ``strategy`` cannot feed the weighting registered as ``name``: a
-    per-client weighting without per-client targets, or one weighing by client-uploaded
-    scores where the clients do not see the weighted samples.
+    per-client weighting without per-client targets, one weighing by client-uploaded
+    scores where the clients do not see the weighted samples, or a label-using one where
+    the teachers never see the labeled server split.
 
     Raises
     ------
@@ -522,6 +524,11 @@ def check_supported(weighting: Weighting, name: str, strategy: str, *,
         raise ScenarioError("strategy.params.weighting", name,
                             f"a weighting {strategy} supports: {name!r} learns per-client "
                             "targets (strategies dml and fedmd)")
+    if uses_labels(weighting) and not labeled_split:
+        raise ScenarioError("strategy.params.weighting", name,
+                            f"a weighting {strategy} supports: {name!r} fits on the teachers' "
+                            "predictions on labeled server data, which this ensemble never "
+                            "sees (strategies feddf, fedftg, fedmd and dml)")
     if needs_client_scores(weighting) and not client_scores:
         raise ScenarioError("strategy.params.weighting", name,
                             f"a weighting {strategy} supports: {name!r} needs the clients' "

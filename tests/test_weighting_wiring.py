@@ -94,10 +94,12 @@ def test_oracle_reads_the_simulators_truth(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "weighting"), [("feddf", "kt_pfl"), ("fedgen", "kt_pfl"),
                                                  ("dml", "certainty"), ("fedmd", "certainty"),
-                                                 ("fedftg", "certainty")])
+                                                 ("fedftg", "certainty"),
+                                                 ("fedgen", "validation")])
 def test_unsupported_weighting_is_a_scenario_error(name: str, weighting: str,
                                                    tmp_path: Path) -> None:
     with pytest.raises(ScenarioError) as err:
         _run(tmp_path, name, f"strategy.params.weighting={weighting}",
-             "strategy.params.label_weighting=false" if name == "fedftg" else "seed=0")
+             "strategy.params.label_weighting=false" if name in ("fedftg", "fedgen")
+             else "seed=0")
     assert err.value.path == "strategy.params.weighting"
