@@ -89,6 +89,7 @@ from strategies.weighting import (
     check_weighting_split,
     make_weighting,
     per_client,
+    sharpen_targets,
     uses_labels,
     weighting_split,
 )
@@ -146,8 +147,9 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
         w = weighting(logits[keep], sub, labels)
         if weights_out is not None:
             weights_out.append((keep, w))
-        targets.append(weighted_probs(logits[keep], w, temperature) if ensemble == "probs"
-                       else weighted_logits(logits[keep], w))
+        targets.append(sharpen_targets(weighting, weighted_probs(logits[keep], w, temperature)
+                                       if ensemble == "probs"
+                                       else weighted_logits(logits[keep], w), ensemble))
         mean_w[k, keep] = w.to(torch.float64).mean(dim=0)
     return targets, mean_w
 

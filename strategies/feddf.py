@@ -84,6 +84,7 @@ from strategies.weighting import (
     check_weighting_split,
     make_weighting,
     needs_client_scores,
+    sharpen_targets,
     uses_labels,
     weighting_split,
 )
@@ -495,7 +496,8 @@ class FedDF(FedAvg):
         if self.teacher_log.enabled and server.val is not None and not proxy_only:
             self.diagnose_val(server_round, replies, ctx, all_logits[:, len(public):]
                               if val is server.val else None)
-        return ensemble_targets(logits, weights, self.ensemble, self.temperature)
+        targets = ensemble_targets(logits, weights, self.ensemble, self.temperature)
+        return sharpen_targets(self.weigh, targets, self.ensemble)
 
     def diagnose_val(self, server_round: int, replies: Sequence[Message], ctx: TeacherContext,
                      val_logits: torch.Tensor | None) -> None:

@@ -122,6 +122,7 @@ from strategies.weighting import (
     check_supported,
     check_weighting_split,
     make_weighting,
+    sharpen_targets,
     update_students,
     uses_labels,
     weighting_split,
@@ -216,7 +217,7 @@ def consensus(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
     """
     update_students(weighting, logits, ctx)
     weights = weighting(logits, ctx, labels)
-    return weighted_logits(logits, weights), weights
+    return sharpen_targets(weighting, weighted_logits(logits, weights), "logits"), weights
 
 
 def check_positive(path: str, value: float) -> None:

@@ -454,19 +454,79 @@ class Oracle:
         return _softmax_rows(logp.gather(2, index).squeeze(2), self.temperature).to(logits.dtype)
 
 
+class Sharpened:
+    """Any weighting, with its ensemble's targets sharpened by DS-FL's entropy reduction
+    (ERA, :func:`fedkd.distill.era`; Itahara et al., IEEE TMC 2021) before distillation.
+
+    Made by :func:`make_weighting` from the reserved ``weighting_params`` key
+    ``era_temperature``; the weights are the base weighting's, every other attribute
+    (``uses_labels``, ``update``, ``state_dict``, ...) is the base's too. Strategies pass their
+    targets through :func:`sharpen_targets`. The teacher diagnostics describe the weighted
+    ensemble before sharpening (ERA keeps each row's arg-max, so its accuracy is the same).
+    """
+
+    def __init__(self, base: Weighting, era_temperature: float) -> None:
+        self.base = base
+        self.era_temperature = era_temperature
+
+    def __call__(self, logits: torch.Tensor, ctx: TeacherContext,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.base(logits, ctx, labels)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":  # not yet set (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def sharpen_targets(weighting: Weighting, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ensemble ``targets`` after the weighting's ERA, if it has one (:class:`Sharpened`).
+
+    Parameters
+    ----------
+    weighting : Weighting
+        The strategy's weighting.
+    targets : torch.Tensor
+        ``(N, C)`` ensemble targets.
+    kind : str
+        ``"probs"``: probability rows, sharpened to ``softmax(p / T)``; ``"logits"``: logit
+        rows, sharpened as ``log softmax(softmax(z) / T)`` (log-probabilities, whose softmax is
+        the ERA target).
+    """
+    from fedkd.distill import era
+
+    temperature = getattr(weighting, "era_temperature", None)
+    if temperature is None:
+        return targets
+    if kind == "probs":
+        return era(targets, temperature)
+    return torch.log(era(torch.softmax(targets, dim=-1), temperature))
+
+
 def make_weighting(name: str = "uniform", params: Mapping[str, Any] | None = None,
                    path: str = "strategy.params.weighting") -> Weighting:
-    """Instantiate the weighting registered as ``name`` with its params."""
+    """Instantiate the weighting registered as ``name`` with its params.
+
+    The reserved param ``era_temperature`` (> 0) composes any weighting with ERA
+    (:class:`Sharpened`).
+    """
     from fedkd.scenario import check_kwargs
 
     cls = WEIGHTINGS.get(name, path)
     params = dict(params or {})
     params_path = path.rsplit(".", 1)[0] + ".weighting_params"
+    era_temperature = params.pop("era_temperature", None)
+    if era_temperature is not None and (isinstance(era_temperature, bool) or not isinstance(
+            era_temperature, int | float) or not era_temperature > 0):
+        raise ScenarioError(params_path + ".era_temperature", era_temperature,
+                            "a number > 0 (ERA's temperature; 0.1 in DS-FL)")
     check_kwargs(cls, params, params_path)
     try:
-        return cls(**params)
+        weighting = cls(**params)
     except ValueError as exc:
         raise ScenarioError(params_path, params, str(exc)) from None
+    return weighting if era_temperature is None else Sharpened(weighting,
+                                                               float(era_temperature))
 
 
 def uses_labels(weighting: Weighting) -> bool:

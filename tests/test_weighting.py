@@ -360,3 +360,28 @@ def test_fedkd_list_marks_the_upper_bound(capsys: pytest.CaptureFixture[str],
     assert "oracle (upper bound: uses the true labels; not a method)" in names
     assert "per_class_validation" in names and "variance" in names and "uniform" in names
     assert sum("upper bound" in n for n in names) == 1
+
+
+def test_era_composes_with_any_weighting() -> None:
+    from fedkd.distill import era
+    from strategies.weighting import Sharpened, sharpen_targets
+
+    plain = make_weighting("confidence", {"temperature": 1.0})
+    sharp = make_weighting("confidence", {"temperature": 1.0, "era_temperature": 0.1})
+    assert isinstance(sharp, Sharpened) and sharp.era_temperature == 0.1
+    assert torch.equal(sharp(LOGITS, CTX), plain(LOGITS, CTX))  # the weights are the base's
+    assert sharp.temperature == 1.0 and not uses_labels(sharp)
+    assert uses_labels(make_weighting("learned", {"era_temperature": 0.5}))
+    probs = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
+    expected = torch.softmax(probs / 0.1, dim=1)  # DS-FL: softmax of probabilities over T
+    assert torch.allclose(sharpen_targets(sharp, probs, "probs"), expected)
+    assert torch.allclose(expected[0], torch.tensor([0.946499, 0.047123, 0.006378],
+                                                    dtype=torch.float64), atol=1e-6)
+    logits = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
+    as_logits = sharpen_targets(sharp, logits, "logits")
+    assert torch.allclose(torch.softmax(as_logits, dim=1), era(torch.softmax(logits, 1), 0.1))
+    assert torch.equal(sharpen_targets(plain, probs, "probs"), probs)  # no ERA: unchanged
+    for bad in (0, -1.0, True, "x"):
+        with pytest.raises(ScenarioError) as exc:
+            make_weighting("uniform", {"era_temperature": bad})
+        assert exc.value.path == "strategy.params.weighting_params.era_temperature"

@@ -103,3 +103,30 @@ def test_unsupported_weighting_is_a_scenario_error(name: str, weighting: str,
              "strategy.params.label_weighting=false" if name in ("fedftg", "fedgen")
              else "seed=0")
     assert err.value.path == "strategy.params.weighting"
+
+
+def test_era_sharpens_fedmds_consensus() -> None:
+    from fedkd.distill import era, weighted_logits
+    from strategies.fedmd import consensus
+    from strategies.weighting import TeacherContext, make_weighting
+
+    logits = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]]])
+    ctx = TeacherContext(torch.ones(2), torch.ones(2, 2), cids=torch.tensor([0, 1]))
+    target, w = consensus(logits, make_weighting("uniform", {"era_temperature": 0.1}), ctx)
+    plain = weighted_logits(logits, w)
+    assert torch.allclose(target, torch.log(era(torch.softmax(plain, 1), 0.1)))
+
+
+@pytest.mark.parametrize("name", ["dml"])
+def test_era_sharpens_the_targets_of_any_ensemble(name: str, tmp_path: Path) -> None:
+    _, plain = _run(tmp_path / "p", name, "strategy.params.weighting=confidence")
+    strategy, sharp = _run(tmp_path / "s", name, "strategy.params.weighting=confidence",
+                           "strategy.params.weighting_params.era_temperature=0.05")
+    assert strategy.weigh.era_temperature == 0.05
+    # the same weights, different targets: training goes another way after round 1
+    assert _weights(strategy, 1) == pytest.approx(
+        [r["weight"] for r in _run(tmp_path / "w", name,
+                                   "strategy.params.weighting=confidence")[0]
+         .teacher_log.teacher_weights(1)])
+    assert [r.eval_metrics.get("acc") for r in sharp] != [r.eval_metrics.get("acc")
+                                                          for r in plain]
