@@ -749,6 +749,64 @@ def write_diagnostics(runs: list[Run], out: Path) -> str:
     return text
 
 
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson's correlation of paired values (nan with fewer than 3 or no spread)."""
+    if len(xs) < 3:
+        return math.nan
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
+    return float((dx * dy).sum() / denom) if denom > 0 else math.nan
+
+
+def gain_explained(paired: list[PairedRow], diagnostics: list[dict[str, Any]],
+                   leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Do the diagnostics explain the gains? Across configurations, Pearson's r between each
+    configuration's mean paired gain over the baseline and its final diagnostic values.
+
+    Parameters
+    ----------
+    paired : list[PairedRow]
+        `paired_rows` of final accuracy.
+    diagnostics : list[dict]
+        `diagnostic_rows`.
+    leave_out : tuple of str
+        Configurations not to correlate over (upper bounds such as the oracle).
+
+    Returns
+    -------
+    dict
+        ``n`` configurations and ``r_<column>`` per :data:`DIAGNOSTIC_COLUMNS` name.
+    """
+    diag = {r["config"]: r for r in diagnostics}
+    pairs = [(p.mean, diag[p.config]) for p in paired
+             if p.config in diag and p.config not in leave_out and not math.isnan(p.mean)]
+    out: dict[str, Any] = {"n": len(pairs)}
+    for key in DIAGNOSTIC_COLUMNS:
+        kept = [(g, d[f"final_{key}"]) for g, d in pairs if not math.isnan(d[f"final_{key}"])]
+        out[f"r_{key}"] = pearson([g for g, _ in kept], [v for _, v in kept])
+    return out
+
+
+def upper_bound_configs(configs: list[str]) -> tuple[str, ...]:
+    """The configurations whose label names an upper-bound weighting (``oracle``)."""
+    from strategies.weighting import WEIGHTINGS
+
+    bounds = [n for n in WEIGHTINGS.names() if getattr(WEIGHTINGS.get(n), "upper_bound", False)]
+    return tuple(c for c in configs
+                 if any(c.endswith(f"={b}") or c.endswith(f"/{b}") for b in bounds))
+
+
+def gain_markdown(stats: dict[str, Any], baseline: str, left_out: tuple[str, ...]) -> str:
+    """`gain_explained` as a sentence."""
+    names = {"teach_ens_acc": "ensemble accuracy", "teach_w_auc": "weight AUC",
+             "teach_w_align": "weight alignment", "teach_eff_k": "effective teachers"}
+    cells = ", ".join(f"{names[k]} r = {stats[f'r_{k}']:+.2f}" for k in DIAGNOSTIC_COLUMNS)
+    skipped = f" ({', '.join(left_out)} left out: an upper bound)" if left_out else ""
+    return (f"Across {stats['n']} configurations{skipped}, the mean gain in final accuracy "
+            f"over `{baseline}` correlates with the final-round {cells}.\n")
+
+
 def report(paths: list[Path], out: Path | None = None, target: float | None = None,
            baseline: str | None = None) -> tuple[list[dict[str, Any]], Path, str]:
     """Build the comparison: table (Markdown + Parquet) and plots in ``out``.
@@ -799,5 +857,13 @@ def report(paths: list[Path], out: Path | None = None, target: float | None = No
     diagnostics = write_diagnostics(runs, out)
     if diagnostics:
         text += "\n" + diagnostics
+        if baseline is not None:
+            left_out = upper_bound_configs(sorted({r.config for r in runs}))
+            sentence = gain_markdown(gain_explained(paired_rows(runs, baseline),
+                                                    diagnostic_rows(runs), left_out),
+                                     baseline, left_out)
+            with (out / "diagnostics.md").open("a") as f:
+                f.write("\n" + sentence)
+            text += "\n" + sentence
     (out / "report.json").write_text(json.dumps({"target": target, "runs": len(runs)}))
     return rows, out, text

@@ -285,3 +285,31 @@ def test_teacher_grid_ignores_ensemble_and_validation_rows() -> None:
     clients, rounds, mean = teacher_grid(rows)
     assert clients.tolist() == [0, 1] and rounds.tolist() == [1]
     assert mean[:, 0] == pytest.approx([0.2, 0.8])
+
+
+def test_gain_explained_correlates_gains_with_diagnostics() -> None:
+    from fedkd.report import PairedRow, gain_explained, gain_markdown, pearson, upper_bound_configs
+
+    assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert pearson([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]) == pytest.approx(-0.5)
+    assert math.isnan(pearson([1.0, 2.0], [1.0, 2.0]))
+
+    def row(config: str, diffs: list[float]) -> PairedRow:
+        return PairedRow(config=config, metric="acc", seeds=tuple(range(len(diffs))),
+                         diffs=tuple(diffs), mean=sum(diffs) / len(diffs), sd=0.0, low=0.0,
+                         high=0.0)
+
+    paired = [row("w=a", [0.1]), row("w=b", [0.2]), row("w=c", [0.3]), row("w=oracle", [0.9])]
+    diag = [{"config": c, **{f"final_{k}": v for k, v in zip(
+        ("teach_ens_acc", "teach_w_auc", "teach_w_align", "teach_eff_k"), vals, strict=True)}}
+        for c, vals in (("w=a", (0.5, 0.5, 0.0, 8.0)), ("w=b", (0.6, 0.7, 0.1, 6.0)),
+                        ("w=c", (0.7, 0.6, 0.2, 7.0)), ("w=oracle", (1.0, 1.0, 0.3, 5.0)))]
+    left_out = upper_bound_configs(["w=a", "w=oracle"])
+    assert left_out == ("w=oracle",)
+    stats = gain_explained(paired, diag, left_out)
+    assert stats["n"] == 3
+    assert stats["r_teach_ens_acc"] == pytest.approx(1.0)
+    assert stats["r_teach_w_auc"] == pytest.approx(0.5)
+    assert stats["r_teach_eff_k"] == pytest.approx(-0.5)
+    text = gain_markdown(stats, "w=u", left_out)
+    assert "Across 3 configurations (w=oracle left out" in text and "weight AUC r = +0.50" in text
