@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -697,16 +698,19 @@ def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
     with_diag = [r for r in runs if has_diagnostics(r)]
     if not with_diag:
         return None
-    fig = Figure(figsize=(7, 9))
+    configs = sorted({r.config for r in with_diag})
+    fig = Figure(figsize=(9.5, 9))
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(len(DIAGNOSTIC_PANELS), 1, i + 1)
             for i in range(len(DIAGNOSTIC_PANELS))]
+    # up to 20 told-apart colours (tab20), the default cycle for a few configurations
+    colours = ([f"C{i}" for i in range(len(configs))] if len(configs) <= 10 else
+               [matplotlib.colormaps["tab20"](i % 20) for i in range(len(configs))])
     for ax, (key, ylabel, ref) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
-        for i, c in enumerate(sorted({r.config for r in with_diag})):
+        for c, colour in zip(configs, colours, strict=True):
             group = [r for r in with_diag if r.config == c]
-            colour = f"C{i}"
             val_key = key.replace("teach_", "teach_val_", 1)
-            for k, label, style in ((key, c, "-"), (val_key, f"{c} (val)", "--")):
+            for k, label, style in ((key, c, "-"), (val_key, "_", "--")):
                 x, mean, sd = _round_curve(group, k)
                 if x.size:
                     _band(ax, x, mean, sd, label, color=colour, linestyle=style)
@@ -716,9 +720,16 @@ def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
         ax.set_xlabel("round")
         integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        title = "dashed: validation split" if any(
+            any(k.startswith("teach_val_") for k in row) for r in with_diag for row in r.metrics
+        ) else None
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.74, 0.5),
+                   fontsize=7, title=title, title_fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0, 0.73, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
