@@ -710,7 +710,7 @@ def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
         for c, colour in zip(configs, colours, strict=True):
             group = [r for r in with_diag if r.config == c]
             val_key = key.replace("teach_", "teach_val_", 1)
-            for k, label, style in ((key, c, "-"), (val_key, "_", "--")):
+            for k, label, style in ((key, c, "-"), (val_key, f"_{c} (val)", "--")):
                 x, mean, sd = _round_curve(group, k)
                 if x.size:
                     _band(ax, x, mean, sd, label, color=colour, linestyle=style)

@@ -261,7 +261,7 @@ def test_teacher_diagnostics_table_and_plot(tmp_path: Path) -> None:
     means = {line.get_label(): line.get_ydata().tolist() for line in acc_ax.get_lines()}
     assert means["w=a"] == pytest.approx([0.40, 0.65]) and means["w=b"] == pytest.approx(
         [0.40, 0.50])
-    assert means["w=a (val)"] == pytest.approx([0.40, 0.60])
+    assert means["_w=a (val)"] == pytest.approx([0.40, 0.60])
     auc = {line.get_label(): line for line in auc_ax.get_lines()}
     assert auc["w=a"].get_xdata().tolist() == [1, 2]
     assert auc["w=a"].get_ydata().tolist() == pytest.approx([0.5, 0.7])  # round 2: seed 0 only
