@@ -812,7 +812,9 @@ def gain_markdown(stats: dict[str, Any], baseline: str, left_out: tuple[str, ...
     """`gain_explained` as a sentence."""
     names = {"teach_ens_acc": "ensemble accuracy", "teach_w_auc": "weight AUC",
              "teach_w_align": "weight alignment", "teach_eff_k": "effective teachers"}
-    cells = ", ".join(f"{names[k]} r = {stats[f'r_{k}']:+.2f}" for k in DIAGNOSTIC_COLUMNS)
+    cells = ", ".join(f"{names[k]} r = " + ("n/a (no spread)" if math.isnan(stats[f"r_{k}"])
+                                            else f"{stats[f'r_{k}']:+.2f}")
+                      for k in DIAGNOSTIC_COLUMNS)
     skipped = f" ({', '.join(left_out)} left out: an upper bound)" if left_out else ""
     return (f"Across {stats['n']} configurations{skipped}, the mean gain in final accuracy "
             f"over `{baseline}` correlates with the final-round {cells}.\n")
