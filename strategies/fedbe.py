@@ -314,6 +314,7 @@ class FedBE(FedAvg):
         logits = ensemble.logits(x)
         n = len(server.proxy)
         uniform = torch.full((n, len(ensemble)), 1.0 / len(ensemble))
+        self.diagnose(server_round, ensemble, logits, n)
         targets = sharpen(ensemble_targets(logits[:, :n], uniform, "probs", 1.0), self.sharpen)
         student = server.space.build(arch, arrayrecord_to_state_dict(rec))
         before = self._val_acc(student)
@@ -333,6 +334,23 @@ class FedBE(FedAvg):
             metrics[key] = value
         self.distill_log[server_round] = stats
         return {arch: state_dict_to_arrayrecord(state)}
+
+    def diagnose(self, server_round: int, ensemble: TeacherEnsemble, logits: torch.Tensor,
+                 n: int) -> None:
+        """Record the uniform ensemble on the proxy set (and the validation split, the rest of
+        ``logits``). Server-made teachers are recorded with ids below -1: -2 the FedAvg
+        model, -3, -4, ... the Gaussian samples."""
+        server = self._server()
+        ids = [t.cid if t.cid >= 0 else -2 - i for i, t in enumerate(ensemble.teachers)]
+        k = len(ids)
+        truth = server.proxy.y if server.proxy_truth else None
+        self.teacher_log.record(server_round, ids, logits[:, :n],
+                                torch.full((n, k), 1.0 / k), truth)
+        if self.teacher_log.enabled and server.val is not None:
+            v = logits.shape[1] - n
+            self.teacher_log.record(server_round, ids, logits[:, n:],
+                                    torch.full((v, k), 1.0 / k), server.val.y,
+                                    source="val", per_class=False)
 
     def teachers(self, server_round: int, arch: str, fedavg: ArrayRecord,
                  replies: Sequence[Message]) -> TeacherEnsemble:

@@ -46,7 +46,7 @@ SMALL: dict[str, dict[str, Any]] = {
 }
 
 #: Strategies with a teacher ensemble, and its size on the toy run (uniform weights).
-ENSEMBLES = {"dml": 3.0, "feddf": 4.0, "fedftg": 4.0, "fedmd": 4.0}
+ENSEMBLES = {"dml": 3.0, "fedbe": 7.0, "feddf": 4.0, "fedftg": 4.0, "fedmd": 4.0}
 
 #: Off-switch parameters and the strategy they must then equal.
 OFF_SWITCH: dict[str, tuple[dict[str, Any], str]] = {
