@@ -522,23 +522,30 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
     return res
 
 
-def bench_comm(s: Settings, work: Path, log: Callable[[str], None],
-               quiet: float = 0.0) -> dict[str, Any]:
-    """Benchmark 3: what encoding and decoding every message (fp16 both ways) adds to a
-    FedAvg round on Fashion-MNIST, against the same run without a codec."""
+def run_configs(title: str, raw: dict[str, Any], names: Sequence[str], s: Settings,
+                work: Path, log: Callable[[str], None], quiet: float) -> dict[str, Any]:
+    """``fedkd simulate`` of scenario ``raw`` under each of the :data:`FEDKD_CONFIGS`
+    ``names``, one after the other; their timing entries (first round a warm-up)."""
     from fedkd.compose import from_dict
     from fedkd.scenario import dump
 
-    raw = fmnist_scenario(s)
-    yaml_path = work / "bench_comm.yaml"
+    yaml_path = work / f"{raw['name']}_{names[0]}.yaml"
     yaml_path.write_text(dump(from_dict(raw)))
     res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
-    for name in ("C0", "C16"):
-        log(f"message layer: {name}")
+    for name in names:
+        log(f"{title}: {name}")
         wait_quiet(quiet, log)
         res[name] = timing_entry(run_fedkd(name, yaml_path, work), warmup=1)
         log(f"  median {res[name]['median_s']:.2f} s per round, "
             f"final acc {res[name]['final_acc']:.4f}")
+    return res
+
+
+def bench_comm(s: Settings, work: Path, log: Callable[[str], None],
+               quiet: float = 0.0) -> dict[str, Any]:
+    """Benchmark 3: what encoding and decoding every message (fp16 both ways) adds to a
+    FedAvg round on Fashion-MNIST, against the same run without a codec."""
+    res = run_configs("message layer", fmnist_scenario(s), ("C0", "C16"), s, work, log, quiet)
     ratio = res["C16"]["median_s"] / res["C0"]["median_s"]
     res["check"] = check(COMM_TARGET, ratio,
                          detail=f"{res['C16']['median_s']:.2f} s vs {res['C0']['median_s']:.2f} "
@@ -580,19 +587,8 @@ def time_diagnostics(raw: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
 def bench_diagnostics(s: Settings, work: Path, log: Callable[[str], None],
                       quiet: float = 0.0) -> dict[str, Any]:
     """Benchmark 4: the teacher diagnostics' cost against a FedDF round."""
-    from fedkd.compose import from_dict
-    from fedkd.scenario import dump
-
     raw = feddf_scenario(s)
-    yaml_path = work / "bench_feddf.yaml"
-    yaml_path.write_text(dump(from_dict(raw)))
-    res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
-    for name in ("D0", "D1"):
-        log(f"teacher diagnostics: {name}")
-        wait_quiet(quiet, log)
-        res[name] = timing_entry(run_fedkd(name, yaml_path, work), warmup=1)
-        log(f"  median {res[name]['median_s']:.2f} s per round, "
-            f"final acc {res[name]['final_acc']:.4f}")
+    res = run_configs("teacher diagnostics", raw, ("D0", "D1"), s, work, log, quiet)
     res["diagnostics"] = time_diagnostics(raw)
     cost = res["diagnostics"]["median_s"] / res["D0"]["median_s"]
     res["check"] = check(DIAG_TARGET, cost, detail=(

@@ -349,13 +349,17 @@ def teacher_weights_figure(runs: list[Run]) -> Figure | None:
     return fig
 
 
-def plot_teacher_weights(runs: list[Run], path: Path) -> bool:
-    """Write `teacher_weights_figure` as PNG. False (nothing written) if no teacher weights."""
-    fig = teacher_weights_figure(runs)
+def save_figure(fig: Figure | None, path: Path) -> bool:
+    """Write ``fig`` as PNG; False (nothing written) when there is no figure."""
     if fig is None:
         return False
     fig.savefig(path, dpi=110)
     return True
+
+
+def plot_teacher_weights(runs: list[Run], path: Path) -> bool:
+    """Write `teacher_weights_figure` as PNG. False (nothing written) if no teacher weights."""
+    return save_figure(teacher_weights_figure(runs), path)
 
 
 # --- paired comparison against a baseline -------------------------------------------------
@@ -735,11 +739,7 @@ def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
 
 def plot_teacher_diagnostics(runs: list[Run], path: Path) -> bool:
     """Write `teacher_diagnostics_figure` as PNG. False (nothing written) without diagnostics."""
-    fig = teacher_diagnostics_figure(runs)
-    if fig is None:
-        return False
-    fig.savefig(path, dpi=110)
-    return True
+    return save_figure(teacher_diagnostics_figure(runs), path)
 
 
 def write_diagnostics(runs: list[Run], out: Path) -> str:

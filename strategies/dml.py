@@ -62,7 +62,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedkd.client import ClientEnv, client_fn, seed_for
+from fedkd.client import ClientEnv, client_fn
 from fedkd.diagnostics import diagnose, mean_summary
 from fedkd.distill import kd_kl_probs, mutual_kl, weighted_logits, weighted_probs
 from fedkd.errors import ScenarioError
@@ -71,11 +71,11 @@ from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import NodeInfo
 from strategies.fedmd import (
+    PublicSubset,
     alignment_inputs,
     check_positive,
     logits_record,
     peer_context,
-    public_subset,
     query_logits,
     record_logits,
     require_public,
@@ -165,7 +165,7 @@ def teacher_rows(nodes: Sequence[NodeInfo], mean_w: torch.Tensor) -> list[dict[s
 
 
 @STRATEGIES.register("dml")
-class DML(Local):
+class DML(PublicSubset, Local):
     """Deep mutual learning among peers through predictions relayed on public inputs.
 
     Parameters
@@ -188,6 +188,7 @@ class DML(Local):
     """
 
     train_type = TRAIN_TYPE
+    subset_salt = 4343
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0, public_size: int = 500,
@@ -217,23 +218,10 @@ class DML(Local):
                               world.scenario.data.weight_fraction)
         super().bind(world)
 
-    def subset_seed(self, server_round: int) -> int:
-        """Seed of this round's public subset."""
-        return seed_for(self.seed, server_round, 4343)
-
-    def public_labels(self, server_round: int) -> torch.Tensor | None:
-        """Labels of this round's public subset if the public split is labeled."""
-        if self.world is None or not self.world.data.public_labeled:
-            return None
-        return self.public_truth(server_round)
-
-    def public_truth(self, server_round: int) -> torch.Tensor | None:
-        """The true labels of this round's public subset (diagnostics, ``oracle``)."""
-        if self.world is None or self.world.data.public is None:
-            return None
-        index = public_subset(len(self.world.data.public), self.public_size,
-                              self.subset_seed(server_round))
-        return self.world.data.public_truth_labels(torch.as_tensor(index))
+    @property
+    def subset_n(self) -> int:
+        """Samples of each round's public subset: ``public_size`` (capped at the split)."""
+        return self.public_size
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -257,8 +257,42 @@ def pretrain_summary(replies: Sequence[Message]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- strategy
+class PublicSubset:
+    """A seeded subset of the public split each round, drawn alike by the server and every
+    client from its size and seed alone (FedMD's alignment set, DML's public batch)."""
+
+    #: Salt of the subset's seed, one per strategy.
+    subset_salt = 0
+    seed: int
+    world: World | None
+
+    @property
+    def subset_n(self) -> int:
+        """Samples of each round's subset."""
+        raise NotImplementedError
+
+    def subset_seed(self, server_round: int) -> int:
+        """Seed of this round's subset."""
+        return seed_for(self.seed, server_round, self.subset_salt)
+
+    def public_labels(self, server_round: int) -> torch.Tensor | None:
+        """Labels of this round's subset if strategies may read them (a labeled public
+        split), else None."""
+        if self.world is None or not self.world.data.public_labeled:
+            return None
+        return self.public_truth(server_round)
+
+    def public_truth(self, server_round: int) -> torch.Tensor | None:
+        """The true labels of this round's subset, for the diagnostics and ``oracle`` only."""
+        if self.world is None or self.world.data.public is None:
+            return None
+        index = public_subset(len(self.world.data.public), self.subset_n,
+                              self.subset_seed(server_round))
+        return self.world.data.public_truth_labels(torch.as_tensor(index))
+
+
 @STRATEGIES.register("fedmd")
-class FedMD(Local):
+class FedMD(PublicSubset, Local):
     """FedMD: clients exchange logits on a public alignment subset and digest the consensus.
 
     Parameters
@@ -297,6 +331,7 @@ class FedMD(Local):
     """
 
     train_type = DIGEST_TYPE
+    subset_salt = 4242
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0, alignment_size: int = 5000,
@@ -364,9 +399,10 @@ class FedMD(Local):
             return self.alignment_size
         return min(self.alignment_size, len(self.world.data.public))
 
-    def subset_seed(self, server_round: int) -> int:
-        """Seed of this round's alignment subset."""
-        return seed_for(self.seed, server_round, 4242)
+    @property
+    def subset_n(self) -> int:
+        """Samples of each round's subset: :attr:`alignment_n`."""
+        return self.alignment_n
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The round's train config plus FedMD's schedule and the subset seed (None as 0;
@@ -413,20 +449,6 @@ class FedMD(Local):
         if metrics is None:
             return arrays, None
         return arrays, MetricRecord({**dict(metrics), **stats})
-
-    def public_labels(self, server_round: int) -> torch.Tensor | None:
-        """Labels of this round's alignment subset if the public split is labeled."""
-        if self.world is None or not self.world.data.public_labeled:
-            return None
-        return self.public_truth(server_round)
-
-    def public_truth(self, server_round: int) -> torch.Tensor | None:
-        """The true labels of this round's alignment subset (diagnostics, ``oracle``)."""
-        if self.world is None or self.world.data.public is None:
-            return None
-        index = public_subset(len(self.world.data.public), self.alignment_n,
-                              self.subset_seed(server_round))
-        return self.world.data.public_truth_labels(torch.as_tensor(index))
 
 
 def query_logits(grid: Grid, nodes: Sequence[NodeInfo], config: ConfigRecord,
