@@ -138,6 +138,9 @@ def prepare(scn: Scenario) -> tuple[World, Any]:
     are checked when the run attaches to it), builds and binds the strategy and builds its
     initial global model.
     """
+    from fedkd.trackers import check_trackers
+
+    check_trackers(scn.output)
     if scn.engine.ray_address is None:
         check_resources(scn.engine.client_resources, local_resources(), "this machine")
     world = build_world(scn)

@@ -520,32 +520,46 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
+#: Labels on every exported series, so that several runs can share one Prometheus.
+PROM_LABELS = ("scenario", "run", "strategy")
+
+
 class PromExporter:
     """Prometheus metrics for a running simulation, served on its own registry.
+
+    Every series carries the labels :data:`PROM_LABELS` (scenario name, run folder name,
+    strategy name), so one Prometheus can scrape several runs and a dashboard can tell them
+    apart. Exported: the gauges ``fedkd_round``, ``fedkd_test_accuracy`` and
+    ``fedkd_test_loss``, and the counters ``fedkd_bytes_down`` and ``fedkd_bytes_up`` (exposed
+    as ``fedkd_bytes_down_total`` / ``fedkd_bytes_up_total``).
 
     Parameters
     ----------
     port : int
-        TCP port of the HTTP endpoint.
-    host : str
+        TCP port of the HTTP endpoint (0: any free port; :attr:`port` is the one bound).
+    host : str (default: "127.0.0.1")
         Address to bind.
+    scenario, run, strategy : str (default: "")
+        Label values: the scenario's name, the run folder's name and the strategy's name.
     """
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1", *, scenario: str = "",
+                 run: str = "", strategy: str = "") -> None:
         self.host = host
-        self.port = port
+        self.labels = {"scenario": scenario, "run": run, "strategy": strategy}
         self.registry = CollectorRegistry()
-        self.round = Gauge("fedkd_round", "Last completed round", registry=self.registry)
-        self.accuracy = Gauge("fedkd_test_accuracy", "Test accuracy", registry=self.registry)
-        self.loss = Gauge("fedkd_test_loss", "Test loss", registry=self.registry)
-        self.bytes_down = Counter(
-            "fedkd_bytes_down", "Bytes sent server -> clients", registry=self.registry
-        )
-        self.bytes_up = Counter(
-            "fedkd_bytes_up", "Bytes sent clients -> server", registry=self.registry
-        )
+
+        def series(kind: type[Gauge] | type[Counter], name: str, doc: str) -> Any:
+            return kind(name, doc, PROM_LABELS, registry=self.registry).labels(**self.labels)
+
+        self.round = series(Gauge, "fedkd_round", "Last completed round")
+        self.accuracy = series(Gauge, "fedkd_test_accuracy", "Test accuracy")
+        self.loss = series(Gauge, "fedkd_test_loss", "Test loss")
+        self.bytes_down = series(Counter, "fedkd_bytes_down", "Bytes sent server -> clients")
+        self.bytes_up = series(Counter, "fedkd_bytes_up", "Bytes sent clients -> server")
         started = start_http_server(port, addr=host, registry=self.registry)
         self._server, self._thread = started if started else (None, None)
+        self.port = self._server.server_port if self._server is not None else port
 
     def update(
         self, round: int, acc: float | None, loss: float | None, bytes_down: int, bytes_up: int

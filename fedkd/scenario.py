@@ -207,9 +207,15 @@ class CommConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where runs are written."""
+    """Where runs are written, and the optional experiment trackers beside their Parquet
+    records (:mod:`fedkd.trackers`): TensorBoard event files in ``<run>/tensorboard/`` (the
+    ``tensorboard`` extra) and an MLflow tracking URI (the ``mlflow`` extra)."""
 
     dir: str = "runs"
+    tensorboard: bool = False
+    mlflow_uri: str | None = field(default=None, metadata=_check(
+        lambda v: bool(v.strip()), "null or a tracking URI, e.g. http://127.0.0.1:5000 or "
+        "sqlite:///mlflow.db"))
 
 
 @dataclass(frozen=True)

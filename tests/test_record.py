@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import math
 import socket
+import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from flwr.app import ArrayRecord
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from prometheus_client.parser import text_string_to_metric_families
 
+import fedkd.engine.recorder as recorder_module
+from fedkd.compose import load_scenario
+from fedkd.engine.recorder import RunRecorder
+from fedkd.engine.runner import RoundResult, Traffic
+from fedkd.errors import ScenarioError
 from fedkd.record import (
     PARTITION_HEATMAP_MAX_CLIENTS,
+    PROM_LABELS,
     TEACHER_LINES_MAX,
     ParquetLog,
     PromExporter,
@@ -28,8 +39,12 @@ from fedkd.record import (
     teacher_grid,
     teachers_figure,
 )
+from fedkd.scenario import Scenario, parse_scenario
+from fedkd.trackers import build_trackers, check_trackers, flatten, numeric_metrics
+from fedkd.world import World, build_world
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.yaml"
 
 
 def _read(path: Path) -> list[dict]:
@@ -256,38 +271,254 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _scrape(port: int) -> dict[str, float]:
+def _scrape(port: int) -> dict[str, tuple[dict[str, str], float]]:
+    """Every ``fedkd_*`` sample served on ``port``: name -> (labels, value)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("fedkd_"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    samples: dict[str, tuple[dict[str, str], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("fedkd_"):
+                assert s.name not in samples, f"two series of {s.name}"
+                samples[s.name] = (s.labels, s.value)
+    return samples
 
 
-def test_prom_exporter_serves_metrics() -> None:
-    a = PromExporter(_free_port())
-    b = PromExporter(_free_port())
+def _values(samples: dict[str, tuple[dict[str, str], float]]) -> dict[str, float]:
+    return {name: value for name, (_, value) in samples.items()}
+
+
+RUN_A = {"scenario": "quickstart", "run": "20260101-120000", "strategy": "feddf"}
+RUN_B = {"scenario": "noniid_fashion", "run": "20260101-120000-2", "strategy": "fedavg"}
+
+
+def test_prom_exporter_serves_labelled_metrics() -> None:
+    a = PromExporter(_free_port(), **RUN_A)
+    b = PromExporter(0, **RUN_B)  # port 0: any free port, reported back
     try:
+        assert b.port > 0 and PROM_LABELS == ("scenario", "run", "strategy")
         a.update(1, 0.5, 1.25, 1000, 300)
         a.update(2, None, None, 1000, 200)
         b.update(7, 0.9, 0.1, 1, 2)
-        m = _scrape(a.port)
+        sa, sb = _scrape(a.port), _scrape(b.port)
+        m = _values(sa)
         assert m["fedkd_round"] == 2
         assert m["fedkd_test_accuracy"] == 0.5
         assert m["fedkd_test_loss"] == 1.25
         assert m["fedkd_bytes_down_total"] == 2000
         assert m["fedkd_bytes_up_total"] == 500
-        mb = _scrape(b.port)
+        mb = _values(sb)
         assert mb["fedkd_round"] == 7 and mb["fedkd_bytes_up_total"] == 2
+        # every series of a run carries its three labels, so two runs can share a Prometheus
+        assert {frozenset(labels.items()) for labels, _ in sa.values()} == {
+            frozenset(RUN_A.items())}
+        assert {frozenset(labels.items()) for labels, _ in sb.values()} == {
+            frozenset(RUN_B.items())}
+        assert {"fedkd_round", "fedkd_test_accuracy", "fedkd_test_loss",
+                "fedkd_bytes_down_total", "fedkd_bytes_up_total"} <= set(sa)
     finally:
         a.close()
         b.close()
     a.close()
     with pytest.raises(OSError):
         _scrape(a.port)
+
+
+def test_prom_exporter_binds_loopback_by_default() -> None:
+    exporter = PromExporter(0)
+    try:
+        assert exporter.host == "127.0.0.1"
+        assert exporter._server.server_address[0] == "127.0.0.1"
+        assert all(labels == {"scenario": "", "run": "", "strategy": ""}
+                   for labels, _ in _scrape(exporter.port).values())
+    finally:
+        exporter.close()
+
+
+# ----------------------------------------------------------------------------- run recorder
+
+
+class _Nodes:
+    """The one thing RunRecorder asks of a strategy: node id -> client id."""
+
+    def node(self, nid: int) -> SimpleNamespace:
+        return SimpleNamespace(cid=nid - 100)
+
+
+class _ListTracker:
+    """A tracker that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.rounds: list[tuple[int, dict]] = []
+        self.closed: list[str] = []
+
+    def log_round(self, round: int, metrics: dict) -> None:
+        self.rounds.append((round, dict(metrics)))
+
+    def close(self, status: str = "completed") -> None:
+        self.closed.append(status)
+
+
+def _round(rnd: int, acc: float) -> RoundResult:
+    return RoundResult(round=rnd, arrays=ArrayRecord(), train_metrics={"train-loss": 0.7},
+                       eval_metrics={"acc": acc, "loss": 1.5},
+                       traffic={100: Traffic(down=1000, up=400,
+                                             metrics={"train-loss": 0.7, "num-examples": 9}),
+                                101: Traffic(down=1000, up=0, failed=True)},
+                       seconds=0.25)
+
+
+@pytest.fixture(scope="module")
+def quickstart_world() -> World:
+    return build_world(load_scenario(QUICKSTART, ["rounds=2", "strategy.name=fedavg"]))
+
+
+def test_run_recorder_labels_metrics_and_feeds_trackers(
+        tmp_path: Path, quickstart_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = _ListTracker()
+    built: list[tuple] = []
+
+    def fake_build(scn: Scenario, run_dir: Path, resume_round: int = 0) -> list:
+        built.append((scn.name, run_dir, resume_round))
+        return [tracker]
+
+    monkeypatch.setattr(recorder_module, "build_trackers", fake_build)
+    run_dir = tmp_path / "quickstart" / "20260101-120000"
+    run_dir.mkdir(parents=True)
+    rec = RunRecorder(quickstart_world, run_dir, _Nodes(), metrics_port=_free_port(),
+                      progress=False)
+    try:
+        rec(_round(1, 0.5))
+        rec(_round(2, 0.75))
+        scraped = _scrape(rec.prom.port)
+    finally:
+        summary = rec.close("completed")
+    assert built == [("quickstart", run_dir, 0)]
+    assert {frozenset(labels.items()) for labels, _ in scraped.values()} == {frozenset(
+        {"scenario": "quickstart", "run": "20260101-120000", "strategy": "fedavg"}.items())}
+    values = _values(scraped)
+    assert values["fedkd_round"] == 2 and values["fedkd_test_accuracy"] == 0.75
+    assert values["fedkd_bytes_down_total"] == 4000 and values["fedkd_bytes_up_total"] == 800
+    # the trackers get the metrics.parquet row of every round, then the run's status
+    assert [r for r, _ in tracker.rounds] == [1, 2]
+    assert tracker.rounds == [(r["round"], r) for r in _read(run_dir / "metrics.parquet")]
+    row = tracker.rounds[1][1]
+    assert row["acc"] == 0.75 and row["bytes_down_cum"] == 4000 and row["failures"] == 1
+    assert tracker.closed == ["completed"] and summary["final_acc"] == 0.75
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+def test_trackers_are_off_by_default(tmp_path: Path) -> None:
+    scn = parse_scenario({})
+    assert not scn.output.tensorboard and scn.output.mlflow_uri is None
+    assert build_trackers(scn, tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("raw", [{"tensorboard": "yes"}, {"mlflow_uri": ""},
+                                 {"mlflow_uri": "  "}, {"mlflow_uri": 5}])
+def test_tracker_options_are_checked(raw: dict) -> None:
+    key = next(iter(raw))
+    with pytest.raises(ScenarioError, match=rf"^output\.{key}: "):
+        parse_scenario({"output": raw})
+
+
+MISSING = [("tensorboard", {"tensorboard": True}, ["tensorboard", "torch.utils.tensorboard"]),
+           ("mlflow", {"mlflow_uri": "http://127.0.0.1:5000"}, ["mlflow"])]
+
+
+def _hide(monkeypatch: pytest.MonkeyPatch, modules: list[str]) -> None:
+    """Make ``import`` of each module fail, as when its package is not installed."""
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize(("extra", "output", "modules"), MISSING)
+def test_tracker_without_its_package_is_a_one_line_scenario_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str, output: dict,
+        modules: list[str]) -> None:
+    _hide(monkeypatch, modules)
+    scn = parse_scenario({"output": output})
+    key = f"output.{next(iter(output))}"
+    for call in (lambda: check_trackers(scn.output), lambda: build_trackers(scn, tmp_path)):
+        with pytest.raises(ScenarioError) as info:
+            call()
+        message = str(info.value)
+        assert info.value.path == key and "\n" not in message
+        assert message.startswith(f"{key}: ") and f"pip install -e '.[{extra}]'" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("extra", "output", "modules"), MISSING)
+def test_run_recorder_stops_before_writing_when_a_tracker_package_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quickstart_world: World,
+        extra: str, output: dict, modules: list[str]) -> None:
+    _hide(monkeypatch, modules)
+    world = replace(quickstart_world, scenario=replace(
+        quickstart_world.scenario,
+        output=replace(quickstart_world.scenario.output, **output)))
+    with pytest.raises(ScenarioError, match=rf"\[{extra}\]"):
+        RunRecorder(world, tmp_path, _Nodes(), metrics_port=_free_port(), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numeric_metrics_and_flatten() -> None:
+    row = {"round": 3, "acc": 0.5, "loss": np.float32(1.5), "participants": 4, "ok": True,
+           "flag": np.bool_(False), "name": "x", "missing": None, "nan": math.nan,
+           "inf": math.inf}
+    assert numeric_metrics(row) == {"acc": 0.5, "loss": 1.5, "participants": 4.0}
+    nested = {"data": {"name": "digits", "root": None, "public": {"fraction": 0.1}},
+              "clients": {"models": [{"arch": "mlp", "fraction": 1.0}]},
+              "strategy": {"params": {}}, "seeds": [], "flag": True}
+    assert flatten(nested) == {
+        "data.name": "digits", "data.root": "null", "data.public.fraction": "0.1",
+        "clients.models.0.arch": "mlp", "clients.models.0.fraction": "1.0",
+        "strategy.params": "{}", "seeds": "[]", "flag": "true"}
+
+
+def _tracked_rows() -> list[dict]:
+    return [{"round": 1, "acc": 0.25, "loss": 2.0, "bytes_down": 10, "note": "x"},
+            {"round": 2, "acc": 0.5, "loss": None, "bytes_down": 20, "note": "y"}]
+
+
+def test_tensorboard_tracker_writes_event_files(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scn = parse_scenario({"output": {"tensorboard": True}})
+    (tracker,) = build_trackers(scn, tmp_path)
+    for row in _tracked_rows():
+        tracker.log_round(row["round"], row)
+    tracker.close("completed")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"acc", "loss", "bytes_down"}
+    assert [(e.step, e.value) for e in events.Scalars("acc")] == [(1, 0.25), (2, 0.5)]
+    assert [e.step for e in events.Scalars("loss")] == [1]
+
+
+def test_mlflow_tracker_logs_params_and_rounds(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    scn = parse_scenario({"name": "tracked", "output": {"mlflow_uri": uri},
+                          "strategy": {"name": "feddf"}})
+    run_dir = tmp_path / "runs" / "tracked" / "20260101-120000"
+    (tracker,) = build_trackers(scn, run_dir)
+    for row in _tracked_rows():
+        tracker.log_round(row["round"], row)
+    tracker.close("interrupted")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.run_name == "20260101-120000" and run.info.status == "KILLED"
+    assert client.get_experiment(run.info.experiment_id).name == "tracked"
+    assert run.data.params["strategy.name"] == "feddf"
+    assert run.data.params["clients.models.0.arch"] == scn.clients.models[0].arch
+    history = client.get_metric_history(tracker.run_id, "acc")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.25), (2, 0.5)]
 
 
 def test_accuracy_figure_adds_virtual_time_for_clocked_runs() -> None:

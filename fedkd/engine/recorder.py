@@ -2,7 +2,9 @@
 
 Rows are written as each round ends, so a killed run keeps its finished rounds. A progress bar
 shows round, accuracy and MB; with a metrics port, a Prometheus endpoint on 127.0.0.1 exposes
-the same while the run goes.
+the same while the run goes, labelled with the scenario, run folder and strategy names. The
+trackers ``output`` turns on (:mod:`fedkd.trackers`: TensorBoard, MLflow) get every round's
+row too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from fedkd.engine.runner import RoundResult
 from fedkd.record import ParquetLog, PromExporter, plot_accuracy, plot_partition
 from fedkd.scenario import dump
+from fedkd.trackers import build_trackers, check_trackers
 from fedkd.world import World
 
 
@@ -55,6 +58,14 @@ class RunRecorder:
         Serve Prometheus metrics on ``127.0.0.1:<port>``.
     progress : bool
         Show a progress bar.
+    resume_round : int
+        The checkpoint round of a resumed run (0: a new run).
+
+    Raises
+    ------
+    ScenarioError
+        When ``output`` turns on a tracker whose package is missing (before anything is
+        written to the run folder).
     """
 
     def __init__(self, world: World, run_dir: Path, strategy: Any,
@@ -63,6 +74,7 @@ class RunRecorder:
         self.world = world
         self.run_dir = run_dir
         self.strategy = strategy
+        check_trackers(world.scenario.output)  # a missing package stops before any write
         (run_dir / "scenario.yaml").write_text(dump(world.scenario))
         write_partition(world, run_dir)
         self.metrics = ParquetLog(run_dir / "metrics.parquet")
@@ -73,13 +85,22 @@ class RunRecorder:
                 if log.path.exists():
                     rows = pq.read_table(log.path).to_pylist()
                     log.extend([r for r in rows if r["round"] <= resume_round])
-        self.prom = PromExporter(metrics_port) if metrics_port else None
+        scn = world.scenario
+        self.prom = PromExporter(metrics_port, scenario=scn.name, run=run_dir.name,
+                                 strategy=scn.strategy.name) if metrics_port else None
         self.bar = tqdm(total=world.scenario.rounds, desc=world.scenario.name, unit="round",
                         initial=resume_round, disable=not progress, dynamic_ncols=True)
         rows = self.metrics.rows
         last = rows[-1] if rows else {}
         self.cum = [int(last.get("bytes_down_cum", 0)), int(last.get("bytes_up_cum", 0))]
         self.start = time.perf_counter()
+        try:
+            self.trackers = build_trackers(world.scenario, run_dir, resume_round)
+        except BaseException:  # e.g. an unreachable MLflow server: release what was started
+            self.bar.close()
+            if self.prom is not None:
+                self.prom.close()
+            raise
 
     def __call__(self, res: RoundResult) -> None:
         """Record one finished round."""
@@ -117,6 +138,8 @@ class RunRecorder:
             self.teachers.extend([{"round": res.round, **t} for t in teachers])
         if self.prom is not None:
             self.prom.update(res.round, row.get("acc"), row.get("loss"), down, up)
+        for tracker in self.trackers:
+            tracker.log_round(res.round, row)
         acc = row.get("acc")
         shown = [f"acc={acc:.4f}"] if acc is not None else []
         self.bar.set_postfix_str(" ".join([*shown, f"MB={sum(self.cum) / 1e6:.2f}"]))
@@ -126,10 +149,13 @@ class RunRecorder:
         return self.strategy.node(node_id).cid
 
     def close(self, status: str) -> dict[str, Any]:
-        """Write ``summary.json`` and ``accuracy.png``; return the summary."""
+        """Close the exporter and trackers, write ``summary.json`` and ``accuracy.png``;
+        return the summary."""
         self.bar.close()
         if self.prom is not None:
             self.prom.close()
+        for tracker in self.trackers:
+            tracker.close(status)
         rows = self.metrics.rows
         accs = [r["acc"] for r in rows if r.get("acc") is not None and not math.isnan(r["acc"])]
         local = [r["local-acc"] for r in rows
