@@ -39,7 +39,7 @@ from torch import nn
 
 #: Strategy attributes rebuilt from the scenario, never saved (``nodes``: the handshake is
 #: repeated, as node ids may differ between engines).
-REBUILT = {"world", "server", "weigh", "strategy", "nodes", "teacher_log"}
+REBUILT = {"world", "server", "weigh", "strategy", "nodes", "_by_node", "teacher_log"}
 TAG = "__fedkd__"
 
 

@@ -119,6 +119,7 @@ class FedAvg(FlowerFedAvg):
         self.failures: dict[int, int] = {}
         self.world: World | None = None
         self.teacher_log = TeacherLog()
+        self._by_node: tuple[list[NodeInfo], dict[int, NodeInfo]] = ([], {})
 
     def bind(self, world: World) -> None:
         """Give the strategy the server-side view of the world (data splits, model space)."""
@@ -176,8 +177,11 @@ class FedAvg(FlowerFedAvg):
         return groups[PLAIN_ARCH] if self.plain else join_groups(groups)
 
     def node(self, node_id: int) -> NodeInfo:
-        """Handshake info of a node id."""
-        return next(n for n in self.nodes if n.node_id == node_id)
+        """Handshake info of a node id (a dict lookup: rebuilt whenever :attr:`nodes` is
+        replaced, so a population of 100,000 costs no scan per message)."""
+        if self._by_node[0] is not self.nodes:
+            self._by_node = (self.nodes, {n.node_id: n for n in self.nodes})
+        return self._by_node[1][node_id]
 
     def sample(self, grid: Grid, server_round: int, fraction: float, minimum: int,
                stream: int = 0) -> list[NodeInfo]:
