@@ -45,6 +45,19 @@ What is measured
    teacher's logits on the proxy and validation splits): ``diagnostics / D0 <= 0.10``;
    ``D1 / D0`` is reported beside it.
 
+5. **Batched local training** (``--only batched``). FedAvg on Fashion-MNIST with 100
+   clients, every client every round (1 epoch, batch 32), on the inline engine (1 torch
+   thread), ``mlp`` and ``cnn_small``, with ``engine.batched`` off (**BM0**, **BC0**) and on
+   (**BM1**, **BC1**); median seconds per round. Target, per model:
+   ``one by one / batched >= 3``. Beside it, the local training alone (``--only
+   batched-train``, in one process, no Flower): one round of the same 100 clients' updates
+   (random data of Fashion-MNIST's shape), ``train_supervised`` client by client against one
+   ``train_batched`` call, with the largest weight difference between the two (about 1e-8,
+   except where a float32 near-tie in max-pooling or ReLU breaks differently for a client:
+   then up to about 1e-3 for that client; in float64 the two agree to 1e-16). The clients
+   train on ``--device``: ``cpu``, or ``cuda`` (then the rounds' scenario gives clients the
+   GPU, ``engine.client_resources.num_gpus: 1``).
+
 Every configuration runs in its own subprocess (so torch thread settings, Ray and Flower state
 do not leak between them), in the order P1, F1, P2, F2 so compared pairs run close together on
 this shared, noisy machine.
@@ -91,6 +104,8 @@ class Settings:
         FedAvg clients (all of them train every round).
     rounds : int
         FedAvg rounds, the first of which is a warm-up excluded from the medians.
+    batched_clients : int
+        Clients of the batched-training benchmark.
     """
 
     ping_clients: int = 100
@@ -100,6 +115,7 @@ class Settings:
     test_limit: int = 2000
     clients: int = 20
     rounds: int = 5
+    batched_clients: int = 100
 
 
 FULL = Settings()
@@ -129,6 +145,11 @@ F2_TARGET = Target("real work, 2 cores: F2 / P2 (s per round)", "<=", 0.80)
 ACC_TARGET = Target("final accuracy |P1 - F1|", "<=", 0.02)
 COMM_TARGET = Target("message layer: fp16 both ways / no codec (s per round)", "<=", 1.05)
 DIAG_TARGET = Target("teacher diagnostics / FedDF round (s)", "<=", 0.10)
+
+
+def batched_target(arch: str, what: str) -> Target:
+    """``one by one / batched >= 3`` for ``arch`` (``what``: the scope of the timing)."""
+    return Target(f"batched training, {arch}, {what}: one by one / batched", ">=", 3.0)
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -169,6 +190,17 @@ def feddf_scenario(s: Settings) -> dict[str, Any]:
     return raw
 
 
+def batched_scenario(s: Settings, arch: str, device: str = "cpu") -> dict[str, Any]:
+    """FedAvg on Fashion-MNIST with ``batched_clients`` clients of ``arch``, inline engine;
+    the clients train on the GPU when ``device`` is ``cuda``."""
+    raw = fmnist_scenario(s)
+    raw["name"] = f"bench_batched_{arch}"
+    raw["clients"] = {**raw["clients"], "num": s.batched_clients, "models": [{"arch": arch}]}
+    raw["engine"] = {"name": "inline",
+                     "client_resources": {"num_gpus": 1 if device.startswith("cuda") else 0}}
+    return raw
+
+
 #: fedkd configurations of the real-work benchmark: ``--set`` overrides per name.
 FEDKD_CONFIGS: dict[str, list[str]] = {
     "F1": ["engine.actors=1", "engine.threads=1", "server.threads=1"],
@@ -182,7 +214,14 @@ FEDKD_CONFIGS: dict[str, list[str]] = {
            "server.teacher_diagnostics=false"],
     "D1": ["engine.actors=1", "engine.threads=1", "server.threads=1",
            "server.teacher_diagnostics=true"],
+    # batched local training: mlp (BM) and cnn_small (BC), one by one (0) and batched (1)
+    **{f"B{m}{b}": ["engine.name=inline", "engine.threads=1", "server.threads=1",
+                    f"engine.batched={'true' if b else 'false'}"]
+       for m in ("M", "C") for b in (0, 1)},
 }
+
+#: The models of the batched-training benchmark and the letter of their configurations.
+BATCHED_ARCHS = {"mlp": "M", "cnn_small": "C"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -421,6 +460,61 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
+def child_batched_train(spec: dict[str, Any]) -> dict[str, Any]:
+    """One round of local training of ``spec["clients"]`` clients of ``spec["arch"]`` on
+    ``spec["device"]``: ``train_supervised`` client by client (each update copied back to the
+    CPU, as a client's reply is) against one ``train_batched`` call; one untimed warm-up,
+    then ``spec["repeats"]`` timed repetitions of each, alternating."""
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from fedkd.batched import train_batched
+    from fedkd.models import build_model
+    from fedkd.scenario import TrainConfig
+    from fedkd.train import train_supervised
+
+    dev = torch.device(spec["device"])
+    shape, k, n = tuple(spec["shape"]), int(spec["clients"]), int(spec["samples"])
+    gen = torch.Generator().manual_seed(0)
+    datas = [(torch.randn(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+             for _ in range(k)]
+    cfg = TrainConfig(**spec["train"])
+    model = build_model(spec["arch"], shape, 10, seed=0).to(dev)
+    start = {key: v.detach().cpu().clone() for key, v in model.state_dict().items()}
+    seeds = list(range(k))
+
+    def one_by_one() -> list[dict[str, Any]]:
+        states = []
+        for (x, y), seed in zip(datas, seeds, strict=True):
+            model.load_state_dict(start)
+            train_supervised(model, x, y, cfg, seed)
+            states.append({key: v.detach().cpu().clone() for key, v in model.state_dict().items()})
+        return states
+
+    def batched() -> list[dict[str, Any]]:
+        outcomes = train_batched(model, [start] * k, datas, cfg, seeds)
+        return [o[0] for o in outcomes if not isinstance(o, Exception)]
+
+    times: dict[str, list[float]] = {"one_by_one": [], "batched": []}
+    states: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(1 + int(spec["repeats"])):
+        for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            states[name] = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    diff = max(float((a[key] - b[key]).abs().max())
+               for a, b in zip(states["one_by_one"], states["batched"], strict=True) for key in a)
+    return {"one_by_one_s": times["one_by_one"], "batched_s": times["batched"],
+            "max_abs_diff": diff, "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads()}
+
+
 # ----------------------------------------------------------------------------- parent side
 
 
@@ -600,6 +694,50 @@ def bench_diagnostics(s: Settings, work: Path, log: Callable[[str], None],
     return res
 
 
+def bench_batched(s: Settings, work: Path, log: Callable[[str], None], quiet: float = 0.0,
+                  device: str = "cpu", engine: bool = True) -> dict[str, Any]:
+    """Benchmark 5: batched local training against one by one, per model: FedAvg rounds on
+    the inline engine (``engine``) and the local training alone, clients on ``device``."""
+    res: dict[str, Any] = {"clients": s.batched_clients, "device": device}
+    checks = []
+    for arch, letter in BATCHED_ARCHS.items():
+        entry: dict[str, Any] = {}
+        if engine:
+            one, many = f"B{letter}0", f"B{letter}1"
+            runs = run_configs(f"batched training, {arch}", batched_scenario(s, arch, device),
+                               (one, many), s, work, log, quiet)
+            ratio = runs[one]["median_s"] / runs[many]["median_s"]
+            runs["check"] = check(
+                batched_target(arch, f"FedAvg round, inline engine, {device}"), ratio,
+                detail=f"{runs[one]['median_s']:.2f} s vs {runs[many]['median_s']:.2f} s per "
+                       f"round; final acc {runs[one]['final_acc']:.4f} vs "
+                       f"{runs[many]['final_acc']:.4f}")
+            checks.append(runs["check"])
+            entry["engine"] = runs
+        log(f"batched training, {arch}: local training only, on {device}")
+        wait_quiet(quiet, log)
+        spec = {"arch": arch, "device": device, "clients": s.batched_clients,
+                "samples": s.train_limit // s.batched_clients, "shape": [1, 28, 28],
+                "train": {"lr": 0.05, "momentum": 0.9, "epochs": 1, "batch_size": 32},
+                "threads": 1, "repeats": 3, "tag": f"batched-train-{arch}"}
+        raw = run_benchmark_child("batched-train", spec, work)
+        train = {**raw, "spec": spec, "one_by_one_median_s": median(raw["one_by_one_s"]),
+                 "batched_median_s": median(raw["batched_s"])}
+        ratio = train["one_by_one_median_s"] / train["batched_median_s"]
+        train["check"] = check(
+            batched_target(arch, f"local training only, {device}"), ratio,
+            detail=f"{train['one_by_one_median_s']:.3f} s vs {train['batched_median_s']:.3f} s "
+                   f"for {s.batched_clients} clients' updates"
+                   f"{' on ' + raw['device_name'] if raw['device_name'] else ''}; "
+                   f"max weight difference {raw['max_abs_diff']:.1e}")
+        log(f"  {train['check']['detail']}")
+        checks.append(train["check"])
+        entry["train"] = train
+        res[arch] = entry
+    res["checks"] = checks
+    return res
+
+
 def fmt_value(c: dict[str, Any]) -> str:
     """A check's value for the tables."""
     return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.3f}"
@@ -647,12 +785,21 @@ def markdown(results: dict[str, Any]) -> str:
                        f"{', '.join(f'{x:.4f}' for x in e['timed_s'])} | | {load(e)} |")
     rows = {**results.get("real_work", {}), **results.get("message_layer", {}),
             **results.get("teacher_diagnostics", {})}
-    for name in ("P1", "P2", "F1", "F2", "C0", "C16", "D0", "D1"):
+    for arch in BATCHED_ARCHS:
+        rows.update(results.get("batched", {}).get(arch, {}).get("engine", {}))
+    for name in ("P1", "P2", "F1", "F2", "C0", "C16", "D0", "D1", *FEDKD_CONFIGS):
         if name in rows:
-            e = rows[name]
+            e = rows.pop(name)
             out.append(f"| {name} | {e['median_s']:.3f} | "
                        f"{', '.join(f'{x:.2f}' for x in e['timed_s'])} | "
                        f"{e['final_acc']:.4f} | {load(e)} |")
+    for arch in BATCHED_ARCHS:
+        train = results.get("batched", {}).get(arch, {}).get("train")
+        for how in ("one_by_one", "batched") if train else ():
+            out.append(f"| local training, {arch}, {how.replace('_', ' ')} ({train['device']}) "
+                       f"| {train[how + '_median_s']:.3f} | "
+                       f"{', '.join(f'{x:.3f}' for x in train[how + '_s'])} | | "
+                       f"{load(train)} |")
     return "\n".join(out) + "\n"
 
 
@@ -662,12 +809,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small, fast smoke version")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (and .md next to it)")
-    p.add_argument("--only", choices=["overhead", "real", "comm", "diagnostics"],
-                   help="run one benchmark only")
+    p.add_argument("--only", choices=["overhead", "real", "comm", "diagnostics", "batched",
+                                      "batched-train"],
+                   help="run one benchmark only (batched-train: the local training part of "
+                        "batched, which needs no Flower)")
+    p.add_argument("--device", default="cpu",
+                   help="device of the batched benchmark's local training (cpu or cuda)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each configuration, wait up to SECONDS for the 1-minute "
                         "load average to drop below the CPU count")
-    p.add_argument("--child", choices=["overhead-fedkd", "overhead-flower", "plain"],
+    p.add_argument("--child", choices=["overhead-fedkd", "overhead-flower", "plain",
+                                       "batched-train"],
                    help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -677,6 +829,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = json.loads(Path(args.spec).read_text())
         if args.child == "plain":
             result = child_plain(spec)
+        elif args.child == "batched-train":
+            result = child_batched_train(spec)
         else:
             result = child_overhead(spec, args.child.removeprefix("overhead-"))
         Path(args.child_out).write_text(json.dumps(result))
@@ -726,6 +880,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["teacher_diagnostics"] = bench_diagnostics(settings, work, log,
                                                                args.wait_quiet)
             checks.append(results["teacher_diagnostics"]["check"])
+            save()
+        if args.only in (None, "batched", "batched-train"):
+            results["batched"] = bench_batched(settings, work, log, args.wait_quiet,
+                                               args.device, engine=args.only != "batched-train")
+            checks += results["batched"]["checks"]
             save()
     print()
     print(table(checks))

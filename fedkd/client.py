@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.data.base import TensorSplit
 from fedkd.scenario import Scenario, TrainConfig, parse_scenario
-from fedkd.state import StateStore
+from fedkd.state import ActorStateStore, StateStore
 from fedkd.train import evaluate, train_supervised
 from fedkd.world import World, cached_world
 
@@ -71,6 +71,7 @@ class WorldSource:
     scenario_yaml: str
     run_dir: str
     threads: int = 1
+    state_store: str = "disk"
 
     def scenario(self) -> Scenario:
         """The resolved scenario (validated by the driver before the run started)."""
@@ -84,8 +85,10 @@ class WorldSource:
             world = _WORLDS[self.scenario_yaml] = cached_world(self.scenario())
         return world
 
-    def store(self) -> StateStore:
-        """The run's per-client state store."""
+    def store(self) -> StateStore | ActorStateStore:
+        """The run's per-client state store (``engine.state_store``, :mod:`fedkd.state`)."""
+        if self.state_store == "actor":
+            return ActorStateStore(self.run_dir)
         return StateStore(f"{self.run_dir}/state")
 
 

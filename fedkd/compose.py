@@ -124,11 +124,15 @@ def client_app(source: WorldSource) -> ClientApp:
     Importing the strategy's module registers its client functions (also for a strategy file
     a researcher dropped into ``strategies/``).
     """
+    get_strategy(source.scenario().strategy.name)
+    return make_client_app(source, mods=client_mods(source))
+
+
+def client_mods(source: WorldSource) -> list[Any]:
+    """The ClientApp mods of a run: failure injection, then the wire's codecs when active."""
     scn = source.scenario()
-    get_strategy(scn.strategy.name)
     wire = make_wire(scn.comm, scn.seed)
-    mods = [fault_mod, *([wire_mod(wire, source.store)] if wire.active else [])]
-    return make_client_app(source, mods=mods)
+    return [fault_mod, *([wire_mod(wire, source.store)] if wire.active else [])]
 
 
 def prepare(scn: Scenario) -> tuple[World, Any]:
@@ -141,6 +145,15 @@ def prepare(scn: Scenario) -> tuple[World, Any]:
     from fedkd.trackers import check_trackers
 
     check_trackers(scn.output)
+    if scn.engine.state_store == "actor" and scn.engine.name != "ray":
+        raise ScenarioError("engine.state_store", "actor",
+                            "disk unless engine.name is ray (the state actor lives on Ray)")
+    if scn.engine.state_store == "actor" and scn.checkpoint_every:
+        raise ScenarioError("engine.state_store", "actor", "disk when checkpoint_every > 0 "
+                            "(checkpoints copy the clients' state from the run folder)")
+    if scn.engine.batched and scn.engine.name == "flower":
+        raise ScenarioError("engine.batched", True, "false unless engine.name is inline or ray "
+                            "(Flower's runtime hands the ClientApp one message at a time)")
     if scn.engine.ray_address is None:
         check_resources(scn.engine.client_resources, local_resources(), "this machine")
     world = build_world(scn)

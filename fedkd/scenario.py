@@ -166,6 +166,12 @@ class EngineConfig:
     ray_address: str | None = None
     threads: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
     start_timeout: float = field(default=300.0, metadata=_check(_positive, "a number > 0"))
+    #: Where clients keep state between rounds (:mod:`fedkd.state`): ``disk`` (the run folder)
+    #: or ``actor`` (a Ray actor and the object store: no shared filesystem on a cluster).
+    state_store: Literal["disk", "actor"] = "disk"
+    #: Train the plain FedAvg ``"train"`` messages of one architecture that a worker holds
+    #: in one vectorised step (:mod:`fedkd.engine.batching`; engines ``inline`` and ``ray``).
+    batched: bool = False
 
 
 @dataclass(frozen=True)

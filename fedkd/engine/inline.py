@@ -4,7 +4,9 @@
 ``NODE_BASE + partition id``, messages get ids, ``push_messages``/``pull_messages`` and
 ``send_and_receive`` run through one ``_execute(messages, timeout)`` that an engine supplies.
 :class:`InlineGrid` executes each message with the fedkd ClientApp in this process, one after
-another: no Ray, no worker processes (``engine.name: inline``). It is the engine to debug a
+another (or, with ``engine.batched``, a round's plain train messages of one architecture in
+one vectorised step, :mod:`fedkd.engine.batching`): no Ray, no worker processes
+(``engine.name: inline``). It is the engine to debug a
 strategy with (breakpoints work in client code), and the reference the other engines must
 match: the same scenario and seed give the same metrics on every engine.
 """
@@ -21,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.client import WorldSource
 from fedkd.compose import client_app
+from fedkd.engine.batching import BatchedTrain
 from fedkd.faults import ERROR_CODE_CLIENT
 from fedkd.world import World, install_world
 
@@ -129,7 +132,9 @@ class InlineGrid(BatchGrid):
         super().__init__(world.num_clients)
         install_world(world)
         self.app = client_app(source)
+        self.batched = BatchedTrain(self.app, source) if world.scenario.engine.batched else None
 
     def _execute(self, msgs: list[Message], timeout: float | None) -> list[Message | None]:
-        return list(run_batch(self.app, [(m.metadata.dst_node_id - NODE_BASE, m) for m in msgs],
-                              self.num_clients))
+        batch = [(m.metadata.dst_node_id - NODE_BASE, m) for m in msgs]
+        app = self.app if self.batched is None else self.batched.prepare(batch)
+        return list(run_batch(app, batch, self.num_clients))

@@ -12,15 +12,18 @@ back as error replies (``WorkerDied``), counted as failures, and later rounds ru
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import ray
 from flwr.app import Error, Message
 
 from fedkd.client import WorldSource
 from fedkd.compose import client_app
+from fedkd.engine.batching import BatchedTrain
 from fedkd.engine.inline import (
     NODE_BASE,
     SERVER_NODE_ID,
@@ -48,14 +51,17 @@ class ClientActor:
         set_task_identity(SERVER_NODE_ID)
         self.app = client_app(source)
         self.num_clients = world.num_clients
+        self.batched = BatchedTrain(self.app, source) if world.scenario.engine.batched else None
 
     def run(self, batch: list[tuple[int, Message]]) -> list[Message]:
-        """Process one batch of messages in order."""
-        return run_batch(self.app, batch, self.num_clients)
+        """Process one batch of messages in order (``engine.batched``: plain train messages
+        of one architecture trained together, :mod:`fedkd.engine.batching`)."""
+        app = self.app if self.batched is None else self.batched.prepare(batch)
+        return run_batch(app, batch, self.num_clients)
 
-    def ready(self) -> bool:
-        """Return once the actor is constructed."""
-        return True
+    def ready(self) -> str:
+        """Return, once the actor is constructed, the id of the Ray node it runs on."""
+        return ray.get_runtime_context().get_node_id()
 
 
 def balance(costs: Sequence[float], bins: int) -> list[list[int]]:
@@ -97,8 +103,13 @@ class RayGrid(BatchGrid):
         self._spawn = lambda: ClientActor.options(**opts).remote(ref, source)
         self.actors = [self._spawn() for _ in range(actors)]
         self.replaced = 0
+        self.run_dir = source.run_dir
+        #: The Ray node of each actor, and of the actor that last ran each client.
+        self.actor_nodes: list[str] = []
+        self.client_nodes: dict[int, str] = {}
         try:
-            ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
+            self.actor_nodes = ray.get([a.ready.remote() for a in self.actors],
+                                       timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
@@ -114,6 +125,8 @@ class RayGrid(BatchGrid):
         plan = balance([self.costs[c] for c in cids], min(len(self.actors), len(msgs)))
         futures = {self.actors[b].run.remote([(cids[i], msgs[i]) for i in idx]): (b, idx)
                    for b, idx in enumerate(plan) if idx}
+        for b, idx in enumerate(plan):
+            self.client_nodes.update((cids[i], self.actor_nodes[b]) for i in idx)
         replies: list[Message | None] = [None] * len(msgs)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(futures)
@@ -145,11 +158,16 @@ class RayGrid(BatchGrid):
         with contextlib.suppress(Exception):
             ray.kill(self.actors[b])
         self.actors[b] = self._spawn()
-        ray.get(self.actors[b].ready.remote())
+        self.actor_nodes[b] = ray.get(self.actors[b].ready.remote())
         self.replaced += 1
 
     def shutdown(self) -> None:
-        """Stop the actors."""
+        """Stop the actors and write ``placement.json`` in the run folder: the Ray node of
+        every actor and of the actor that last ran each client."""
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self.client_nodes and Path(self.run_dir).is_dir():
+            (Path(self.run_dir) / "placement.json").write_text(json.dumps({
+                "nodes": sorted(set(self.actor_nodes)),
+                "clients": {str(c): n for c, n in sorted(self.client_nodes.items())}}))

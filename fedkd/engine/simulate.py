@@ -135,7 +135,10 @@ def ray_session(engine: EngineConfig, verbose: bool) -> Iterator[None]:
                      runtime_env={"py_modules": [fedkd, strategies]}, **args)
         else:
             local.enter_context(single_node_ray())
-            ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **args)
+            # "local": a new instance even where a `ray start` cluster (or its stale address
+            # file) exists on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1",
+                     **args)
         interrupt_on_sigterm()  # ray.init installs its own handler, which aborts the driver
         try:
             have = ray.cluster_resources()
@@ -154,9 +157,11 @@ def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
     import ray
 
     from fedkd.engine.ray_grid import RayGrid
+    from fedkd.state import start_state_actor
 
     cpus = ray.cluster_resources().get("CPU", 1)
     actors = engine.actors or max(1, int(cpus // engine.client_resources.num_cpus))
+    holder = start_state_actor(source.run_dir) if source.state_store == "actor" else None
     grid = RayGrid(world, source, actors=min(actors, world.num_clients),
                    num_cpus=engine.client_resources.num_cpus,
                    num_gpus=engine.client_resources.num_gpus,
@@ -165,6 +170,8 @@ def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
         loop(grid)
     finally:
         grid.shutdown()
+        if holder is not None:
+            ray.kill(holder)
 
 
 def run_on_flower(world: World, source: WorldSource, engine: EngineConfig,
@@ -246,7 +253,8 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     done = int(state["round"]) if state else 0
     run_dir = target or new_run_dir(scn, out)  # type: ignore[assignment]
     run_dir.mkdir(parents=True, exist_ok=True)
-    source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads)
+    source = WorldSource(dump(scn), str(run_dir.resolve()), threads=scn.engine.threads,
+                         state_store=scn.engine.state_store)
     never_started = False
     try:
         with engine_logs(run_dir, verbose):
