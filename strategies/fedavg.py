@@ -138,10 +138,18 @@ class FedAvg(FlowerFedAvg):
     def discover(self, grid: Grid, timeout: float = 120.0) -> list[NodeInfo]:
         """Handshake with every node once; returns nodes ordered by partition id.
 
+        fedkd's own grids (inline, Ray) answer for their nodes from the simulated world
+        (``grid.roster()``, the same answers), so no round messages the whole population; a
+        Flower runtime's nodes are asked with ``query.hello``.
+
         When no node answers (a plain Flower ClientApp has no ``query.hello``), the nodes are
         the grid's node ids in sorted order with one architecture, and :attr:`plain` is set.
         """
         if self.nodes:
+            return self.nodes
+        roster = getattr(grid, "roster", lambda: None)()
+        if roster is not None:  # fedkd's own grids know every node's answer
+            self.nodes = [NodeInfo(**r) for r in roster]
             return self.nodes
         deadline = time.monotonic() + timeout
         while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:

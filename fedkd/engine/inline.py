@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -65,12 +66,27 @@ class BatchGrid(Grid):
         Number of client nodes.
     """
 
-    def __init__(self, num_clients: int) -> None:
+    def __init__(self, num_clients: int, world: World | None = None) -> None:
         set_task_identity(SERVER_NODE_ID)
         self.num_clients = num_clients
+        self.world = world
         self._run = Run.create_empty(run_id=RUN_ID)
         self._ids = itertools.count(1)
         self._inbox: dict[str, Message] = {}
+
+    def roster(self) -> list[dict[str, Any]] | None:
+        """What every node's ``query.hello`` handshake would answer (node and partition id,
+        architecture, data size, label counts), read from the world this grid simulates
+        instead of messaging every node, so that no round touches the whole population;
+        None when the grid holds no world."""
+        w = self.world
+        if w is None:
+            return None
+        counts = w.counts
+        return [{"node_id": NODE_BASE + c, "cid": c, "arch": w.archs[c],
+                 "num_examples": len(w.parts[c]),
+                 "label_counts": tuple(int(x) for x in counts[c])}
+                for c in range(self.num_clients)]
 
     def set_run(self, run: Run) -> None:
         """Set the run (kept for the Grid interface)."""
@@ -129,7 +145,7 @@ class InlineGrid(BatchGrid):
     """Every client runs the fedkd ClientApp in this process, one message after another."""
 
     def __init__(self, world: World, source: WorldSource) -> None:
-        super().__init__(world.num_clients)
+        super().__init__(world.num_clients, world)
         install_world(world)
         self.app = client_app(source)
         self.batched = BatchedTrain(self.app, source) if world.scenario.engine.batched else None

@@ -96,7 +96,7 @@ class RayGrid(BatchGrid):
 
     def __init__(self, world: World, source: WorldSource, actors: int, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, start_timeout: float = 300.0) -> None:
-        super().__init__(world.num_clients)
+        super().__init__(world.num_clients, world)
         self.costs = [max(len(p), 1) for p in world.parts]
         ref = ray.put(world)
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
