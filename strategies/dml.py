@@ -314,8 +314,9 @@ def dml_train(msg: Message, env: ClientEnv) -> RecordDict:
     kl_total: list[float] = []
     extra = None
     if "peers" in records:
-        x_pub = alignment_inputs(env)
-        target = record_logits(records["peers"])
+        # on the model's device (a GPU client with engine.client_resources.num_gpus > 0)
+        x_pub = alignment_inputs(env).to(env.device)
+        target = record_logits(records["peers"]).to(env.device)
         gen = torch.Generator().manual_seed(env.seed(20))
         public_batches = batch_indices(len(x_pub), cfg.batch_size, gen, steps=sys.maxsize)
         temperature = float(env.config["temperature"])
