@@ -295,6 +295,45 @@ def run_child(args: list[str], log: Path, timeout: float = CHILD_TIMEOUT_S) -> f
     return time.perf_counter() - start
 
 
+def session_rss(sid: int) -> int:
+    """Resident bytes summed over every process of session ``sid`` (Linux ``/proc``)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            total += int(fields[21]) * page  # field 24: resident pages
+    return total
+
+
+def run_child_peak(args: list[str], log: Path, timeout: float = CHILD_TIMEOUT_S,
+                   ) -> tuple[float, int]:
+    """Like :func:`run_child`; also the peak resident bytes summed over the child and every
+    process it started (Ray's too), sampled every 0.1 s."""
+    start = time.perf_counter()
+    peak = 0
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            peak = max(peak, session_rss(proc.pid))
+            if time.perf_counter() - start > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise RuntimeError(f"{' '.join(args)} timed out (log: {log})")
+            time.sleep(0.1)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}:\n{tail}")
+    return time.perf_counter() - start, peak
+
+
 def run_benchmark_child(kind: str, spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """Run one ``--child`` configuration of this module in a subprocess; return its result."""
     spec_path, out_path = work / f"{kind}.spec.json", work / f"{kind}.out.json"
@@ -738,6 +777,80 @@ def bench_batched(s: Settings, work: Path, log: Callable[[str], None], quiet: fl
     return res
 
 
+POP_SIZES = (100, 1_000, 10_000, 100_000)
+POP_TARGETS = (Target("population: 100,000 / 1,000 clients (s per round, first included)",
+                      "<=", 1.25),
+               Target("population: peak memory at 100,000 clients (GB, all processes)",
+                      "<=", 4.0),
+               Target("population: start-up at 100,000 clients (s)", "<=", 60.0))
+
+
+def population_scenario(n: int, engine: str, rounds: int = 4) -> dict[str, Any]:
+    """FedAvg on ``synthetic`` data, 20 samples per client, 100 clients a round (all of them
+    below 100)."""
+    return {
+        "name": f"pop{n}", "seed": 0, "rounds": rounds, "eval_every": 1,
+        "data": {"name": "synthetic", "params": {"train_size": 20 * n, "test_size": 2000}},
+        "partition": {"name": "iid"},
+        "clients": {"num": n, "fraction": min(1.0, 100 / n), "models": [{"arch": "mlp"}],
+                    "train": {"lr": 0.05, "epochs": 1, "batch_size": 16}},
+        "strategy": {"name": "fedavg"},
+        "engine": {"name": engine, "threads": 1},
+    }
+
+
+def bench_population(s: Settings, work: Path, log: Callable[[str], None],
+                     quiet: float = 0.0) -> dict[str, Any]:
+    """Benchmark 6: rounds/s, first round, start-up and peak memory (all processes) of
+    FedAvg at 100 to 100,000 clients (100 a round) on the inline engine, and on Flower's own
+    simulation runtime where it fits (up to 1,000 clients)."""
+    import pyarrow.parquet as pq
+
+    from fedkd.compose import from_dict
+    from fedkd.scenario import dump
+
+    sizes = POP_SIZES if s is FULL else POP_SIZES[:3]
+    res: dict[str, Any] = {"sizes": list(sizes), "runs": {}}
+    for engine in ("inline", "flower"):
+        for n in sizes:
+            if engine == "flower" and n > 1_000:
+                continue
+            name = f"{engine}-{n}"
+            log(f"population: {name}")
+            wait_quiet(quiet, log)
+            yaml_path = work / f"pop_{name}.yaml"
+            yaml_path.write_text(dump(from_dict(population_scenario(n, engine))))
+            out_dir = work / f"runs_pop_{name}"
+            seconds, peak = run_child_peak(
+                ["-m", "fedkd.cli", "simulate", str(yaml_path), "--out", str(out_dir),
+                 "--no-progress"], work / f"pop_{name}.log")
+            (metrics,) = out_dir.glob("*/*/metrics.parquet")
+            rounds = [float(r["wall_s"]) for r in sorted(pq.read_table(metrics).to_pylist(),
+                                                         key=lambda r: r["round"])]
+            run_s = json.loads((metrics.parent / "summary.json").read_text())["wall_s"]
+            res["runs"][name] = {"clients": n, "engine": engine, "round_s": rounds,
+                                 "mean_round_s": sum(rounds) / len(rounds),
+                                 "first_round_s": rounds[0], "process_s": seconds,
+                                 "startup_s": seconds - run_s, "peak_gb": peak / 1e9}
+            r = res["runs"][name]
+            log(f"  {r['mean_round_s']:.2f} s per round (first {r['first_round_s']:.2f} s), "
+                f"start-up {r['startup_s']:.1f} s, peak {r['peak_gb']:.2f} GB")
+    runs = res["runs"]
+    if "inline-100000" in runs:
+        big, ref = runs["inline-100000"], runs["inline-1000"]
+        res["checks"] = [
+            check(POP_TARGETS[0], big["mean_round_s"] / ref["mean_round_s"],
+                  detail=f"{big['mean_round_s']:.2f} s vs {ref['mean_round_s']:.2f} s per "
+                         f"round; first rounds {big['first_round_s']:.2f} s vs "
+                         f"{ref['first_round_s']:.2f} s"),
+            check(POP_TARGETS[1], big["peak_gb"], detail="inline engine, one process"),
+            check(POP_TARGETS[2], big["startup_s"],
+                  detail=", ".join(f"{runs[f'inline-{n}']['startup_s']:.1f} s at {n:,}"
+                                   for n in sizes)),
+        ]
+    return res
+
+
 def fmt_value(c: dict[str, Any]) -> str:
     """A check's value for the tables."""
     return f"{c['value']:.4f}" if "accuracy" in c["name"] else f"{c['value']:.3f}"
@@ -809,8 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small, fast smoke version")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (and .md next to it)")
-    p.add_argument("--only", choices=["overhead", "real", "comm", "diagnostics", "batched",
-                                      "batched-train"],
+    p.add_argument("--only", choices=["overhead", "real", "comm", "diagnostics", "population",
+                                      "batched", "batched-train"],
                    help="run one benchmark only (batched-train: the local training part of "
                         "batched, which needs no Flower)")
     p.add_argument("--device", default="cpu",
@@ -880,6 +993,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["teacher_diagnostics"] = bench_diagnostics(settings, work, log,
                                                                args.wait_quiet)
             checks.append(results["teacher_diagnostics"]["check"])
+            save()
+        if args.only in (None, "population"):
+            results["population"] = bench_population(settings, work, log, args.wait_quiet)
+            checks += results["population"].get("checks", [])
             save()
         if args.only in (None, "batched", "batched-train"):
             results["batched"] = bench_batched(settings, work, log, args.wait_quiet,
