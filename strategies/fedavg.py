@@ -150,6 +150,8 @@ class FedAvg(FlowerFedAvg):
         roster = getattr(grid, "roster", lambda: None)()
         if roster is not None:  # fedkd's own grids know every node's answer
             self.nodes = [NodeInfo(**r) for r in roster]
+            if self.nodes:  # index them now, not in the first round
+                self.node(self.nodes[0].node_id)
             return self.nodes
         deadline = time.monotonic() + timeout
         while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:

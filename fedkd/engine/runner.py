@@ -322,6 +322,10 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
     train_cfg = train_config_record(scn.clients.train, scn.seed, scn.clients.dropout,
                                     scn.clients.crash)
     budgeted = isinstance(strategy, Budgeted)
+    if getattr(net, "roster", None) is not None and hasattr(strategy, "discover"):
+        # fedkd's grids know every node without messaging it: meet them during start-up,
+        # so that the first round costs what the others do at any population size
+        strategy.discover(net)
     for rnd in range(first_round, scn.rounds + 1):
         start = time.perf_counter()
         try:
