@@ -278,21 +278,7 @@ def run_child(args: list[str], log: Path, timeout: float = CHILD_TIMEOUT_S) -> f
 
     The child gets its own process group, which is killed on timeout (Ray's helpers too).
     """
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise RuntimeError(f"{' '.join(args)} timed out after {timeout:.0f} s "
-                               f"(log: {log})") from None
-    if code != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise RuntimeError(f"{' '.join(args)} exited with {code}:\n{tail}")
-    return time.perf_counter() - start
+    return run_child_peak(args, log, timeout, sample=False)[0]
 
 
 def session_rss(sid: int) -> int:
@@ -313,21 +299,28 @@ def session_rss(sid: int) -> int:
 
 
 def run_child_peak(args: list[str], log: Path, timeout: float = CHILD_TIMEOUT_S,
-                   ) -> tuple[float, int]:
-    """Like :func:`run_child`; also the peak resident bytes summed over the child and every
-    process it started (Ray's too), sampled every 0.1 s."""
+                   sample: bool = True) -> tuple[float, int]:
+    """:func:`run_child`, and (``sample``) the peak resident bytes summed over the child and
+    every process it started (Ray's too), sampled every 0.1 s; 0 when not sampled."""
     start = time.perf_counter()
     peak = 0
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        while proc.poll() is None:
-            peak = max(peak, session_rss(proc.pid))
-            if time.perf_counter() - start > timeout:
+        while True:
+            if sample:
+                peak = max(peak, session_rss(proc.pid))
+            left = timeout - (time.perf_counter() - start)
+            try:  # returns as soon as the child exits
+                proc.wait(timeout=max(0.0, min(0.1, left)) if sample else max(0.0, left))
+                break
+            except subprocess.TimeoutExpired:
+                if time.perf_counter() - start < timeout:
+                    continue
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise RuntimeError(f"{' '.join(args)} timed out (log: {log})")
-            time.sleep(0.1)
+                raise RuntimeError(f"{' '.join(args)} timed out after {timeout:.0f} s "
+                                   f"(log: {log})") from None
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}:\n{tail}")

@@ -52,7 +52,6 @@ accuracy of the peers' private models (``evaluate.private``, inherited from
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -63,7 +62,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedkd.client import ClientEnv, client_fn
-from fedkd.diagnostics import diagnose, mean_summary
+from fedkd.diagnostics import Diagnosis, diagnose, mean_summary
 from fedkd.distill import kd_kl_probs, mutual_kl, weighted_logits, weighted_probs
 from fedkd.errors import ScenarioError
 from fedkd.train import batch_indices, predict, train_supervised
@@ -255,27 +254,23 @@ class DML(PublicSubset, Local):
                  truth: torch.Tensor | None) -> None:
         """Record the round's leave-one-out ensembles: each peer's teacher weights (mean over
         the targets it is part of) and the diagnostics averaged over the peers' ensembles."""
-        log = self.teacher_log
         if len(peers) < 2:
             return
-        if not log.enabled or truth is None:
-            log.rows[server_round] = teacher_rows(peers, mean_w)
-            if not log.enabled:
-                return
+        rows = teacher_rows(peers, mean_w)
+        if not self.teacher_log.enabled:
+            self.teacher_log.rows[server_round] = rows
+            return
         cids = [p.cid for p in peers]
         parts = [diagnose(logits[keep], w, [c for c, m in zip(cids, keep, strict=True) if m],
                           truth, ensemble=self.peer_ensemble, source="public", per_class=False)
                  for keep, w in used]
         summary = mean_summary([d.summary for d in parts])
-        log.metrics[server_round] = {f"teach-{k}": v for k, v in summary.items()
-                                     if not math.isnan(v)}
         if truth is not None:
             acc = (logits.argmax(dim=2) == truth).to(torch.float64).mean(dim=1)
-            log.rows[server_round] = [
-                {**row, "acc": float(a), "source": "public"}
-                for row, a in zip(teacher_rows(peers, mean_w), acc, strict=True)] + [
+            rows = [{**row, "acc": float(a)} for row, a in zip(rows, acc, strict=True)] + [
                 {"client": -1, "class": -1, "weight": None, "source": "public",
                  "acc": summary.get("ens-acc")}]
+        self.teacher_log.add(server_round, Diagnosis(summary, rows))
 
     def peer_message(self, node: NodeInfo, target: torch.Tensor | None, cfg: ConfigRecord,
                      server_round: int) -> Message:

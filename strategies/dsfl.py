@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedkd.client import ClientEnv, client_fn, seed_for
+from fedkd.client import ClientEnv, client_fn
 from fedkd.distill import era, kd_kl_probs
 from fedkd.errors import ScenarioError
 from fedkd.scenario import TrainConfig
@@ -67,6 +67,7 @@ from fedkd.train import batch_indices, device_of, fit, predict, sgd, train_super
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedmd import (
+    PublicSubset,
     alignment_inputs,
     logits_record,
     query_logits,
@@ -107,7 +108,7 @@ def mean_entropy(probs: torch.Tensor) -> float:
 
 
 @STRATEGIES.register("dsfl")
-class DSFL(Local):
+class DSFL(PublicSubset, Local):
     """DS-FL: clients exchange soft labels on open data, aggregated with ERA, and distil them.
 
     Parameters
@@ -128,6 +129,7 @@ class DSFL(Local):
     """
 
     train_type = DISTILL_TYPE
+    subset_salt = 5151
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0, aggregation: str = "era",
@@ -153,9 +155,10 @@ class DSFL(Local):
         require_public(world, "dsfl")
         super().bind(world)
 
-    def subset_seed(self, server_round: int) -> int:
-        """Seed of this round's open subset."""
-        return seed_for(self.seed, server_round, 5151)
+    @property
+    def subset_n(self) -> int:
+        """Samples of each round's open subset: ``open_size`` (capped at the split)."""
+        return self.open_size
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The round's train config plus the open subset and the distillation settings."""
@@ -178,15 +181,13 @@ class DSFL(Local):
         probs = torch.stack([record_logits(r.content.array_records["soft-labels"])
                              for r in replies])
         target = aggregate_soft_labels(probs, self.aggregation, self.temperature)
-        stats = dict(self.train_metrics_aggr_fn([r.content for r in replies],
-                                                self.weighted_by_key) or {})
+        stats = dict(self.train_metrics(replies))
         stats.update({"label-entropy": mean_entropy(target),
                       "label-entropy-sa": mean_entropy(probs.mean(dim=0))})
         self.update_metrics[server_round] = stats
         content = RecordDict({"soft-labels": logits_record(target), "config": cfg})
-        return [Message(content, dst_node_id=r.metadata.src_node_id,
-                        message_type=self.train_type, group_id=str(server_round))
-                for r in replies]
+        return self.messages_to(content, [self.node(r.metadata.src_node_id) for r in replies],
+                                server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

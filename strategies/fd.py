@@ -212,8 +212,7 @@ class ClassMeanExchange(Local):
         if self.global_means is not None and self.global_counts is not None:
             content[self.payload] = class_record(self.global_means, self.global_counts,
                                                  self.payload)
-        return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
-                        group_id=str(server_round)) for n in nodes]
+        return self.messages_to(content, nodes, server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -226,8 +225,7 @@ class ClassMeanExchange(Local):
         self.global_means, self.global_counts = aggregate_class_means(
             np.stack([m.numpy() for m, _ in uploads]), np.stack([c.numpy() for _, c in uploads]),
             self.class_weights)
-        metrics = MetricRecord(dict(
-            self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key) or {}))
+        metrics = self.train_metrics(ok)
         metrics["global-classes"] = int((self.global_counts > 0).sum())
         return None, metrics
 

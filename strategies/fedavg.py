@@ -239,6 +239,18 @@ class FedAvg(FlowerFedAvg):
                         message_type=self.train_type, group_id=str(server_round))
                 for n in nodes]
 
+    def messages_to(self, content: RecordDict, nodes: Sequence[NodeInfo],
+                    server_round: int) -> list[Message]:
+        """The round's train messages: one shared ``content`` to each of ``nodes``."""
+        return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
+                        group_id=str(server_round)) for n in nodes]
+
+    def train_metrics(self, replies: Sequence[Message]) -> MetricRecord:
+        """The replies' train metrics, averaged by ``weighted_by_key``."""
+        return MetricRecord(dict(
+            self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
+            or {}))
+
     def split_replies(self, server_round: int,
                       replies: Iterable[Message]) -> list[Message]:
         """Replies without errors; errors are counted in ``self.failures[server_round]``."""
@@ -266,8 +278,7 @@ class FedAvg(FlowerFedAvg):
         if not ok:
             return None, None
         groups = self.aggregate_groups(ok)
-        metrics = MetricRecord(dict(
-            self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key) or {}))
+        metrics = self.train_metrics(ok)
         return self.join_groups(self.fuse(server_round, ok, groups, metrics)), metrics
 
     def fuse(self, server_round: int, replies: Sequence[Message],

@@ -438,8 +438,7 @@ class FedMD(PublicSubset, Local):
         self.teacher_log.record(server_round, [n.cid for n in answered], logits, weights,
                                 truth, ensemble="logits", source="public")
         content = RecordDict({"consensus": logits_record(target), "config": cfg})
-        return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
-                        group_id=str(server_round)) for n in answered]
+        return self.messages_to(content, answered, server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

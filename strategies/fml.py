@@ -234,8 +234,7 @@ class FML(Local):
                                "temperature": self.temperature, "optimizer": self.optimizer,
                                "kl-reduction": self.kl_reduction})
         content = RecordDict({"arrays": self.current[arch], "config": config})
-        return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
-                        group_id=str(server_round)) for n in nodes]
+        return self.messages_to(content, nodes, server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -246,7 +245,7 @@ class FML(Local):
         meme = weighted_average([r.content.array_records["arrays"] for r in ok],
                                 [float(r.content.metric_records["metrics"]["num-examples"])
                                  for r in ok])
-        metrics = self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
+        metrics = self.train_metrics(ok)
         return join_groups({str(self.meme_arch): meme}), metrics
 
     def aggregate_evaluate(self, server_round: int,

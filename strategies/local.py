@@ -111,8 +111,7 @@ class Local(FedAvg):
         content = RecordDict({"config": ConfigRecord({**dict(config),
                                                       "server-round": server_round,
                                                       **self.client_config(server_round)})})
-        return [Message(content, dst_node_id=n.node_id, message_type=self.train_type,
-                        group_id=str(server_round)) for n in nodes]
+        return self.messages_to(content, nodes, server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -120,7 +119,7 @@ class Local(FedAvg):
         ok = self.split_replies(server_round, replies)
         if not ok:
             return None, None
-        return None, self.train_metrics_aggr_fn([r.content for r in ok], self.weighted_by_key)
+        return None, self.train_metrics(ok)
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the clients' private models are evaluated after this round."""

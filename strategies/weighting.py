@@ -650,21 +650,3 @@ def class_weights(label_counts: torch.Tensor) -> torch.Tensor:
     total = counts.sum(dim=1, keepdim=True)
     k = counts.shape[1]
     return torch.where(total > 0, counts / total.clamp_min(1), torch.full_like(counts, 1 / k))
-
-
-def weight_rows(cids: Sequence[int], weights: torch.Tensor,
-                classes: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """Rows for ``teachers.parquet`` from one round's ``(N, K)`` weights.
-
-    Each teacher gets its mean weight over the samples (``class`` -1) and, when per-sample
-    ``classes`` are given (the weighting is per class), its mean weight on each class.
-    """
-    w = weights.to(torch.float64)
-    rows = [{"client": int(c), "class": -1, "weight": float(m)}
-            for c, m in zip(cids, w.mean(dim=0), strict=True)]
-    if classes is not None:
-        for y in classes.unique().tolist():
-            means = w[classes == y].mean(dim=0)
-            rows += [{"client": int(c), "class": int(y), "weight": float(m)}
-                     for c, m in zip(cids, means, strict=True)]
-    return rows

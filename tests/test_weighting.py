@@ -17,7 +17,6 @@ from strategies.weighting import (
     class_weights,
     make_weighting,
     uses_labels,
-    weight_rows,
     weighting_split,
 )
 
@@ -152,18 +151,6 @@ def test_registry_lists_every_weighting() -> None:
     assert WEIGHTINGS.names() == ["agreement", "certainty", "class_counts", "confidence",
                                   "data_size", "entropy", "kt_pfl", "learned", "oracle",
                                   "per_class_validation", "uniform", "validation", "variance"]
-
-
-def test_weight_rows_mean_and_per_class() -> None:
-    w = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
-    rows = weight_rows([7, 9], w, classes=torch.tensor([1, 1, 0]))
-    assert rows == [
-        {"client": 7, "class": -1, "weight": pytest.approx(1.75 / 3)},
-        {"client": 9, "class": -1, "weight": pytest.approx(1.25 / 3)},
-        {"client": 7, "class": 0, "weight": 1.0}, {"client": 9, "class": 0, "weight": 0.0},
-        {"client": 7, "class": 1, "weight": 0.375}, {"client": 9, "class": 1, "weight": 0.625},
-    ]
-    assert len(weight_rows([7, 9], w)) == 2
 
 
 def _split(n: int) -> TensorSplit:
