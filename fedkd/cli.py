@@ -180,11 +180,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from fedkd.data.partition import PARTITIONERS
     from fedkd.models import MODELS
     from strategies import STRATEGIES
+    from strategies.topology import TOPOLOGIES
     from strategies.weighting import WEIGHTINGS
 
     for title, reg in (("datasets", DATASETS), ("partitioners", PARTITIONERS),
                        ("models", MODELS), ("strategies", STRATEGIES),
-                       ("weightings", WEIGHTINGS), ("codecs", CODECS)):
+                       ("weightings", WEIGHTINGS), ("topologies", TOPOLOGIES),
+                       ("codecs", CODECS)):
         names = reg.names()
         if reg is WEIGHTINGS:  # an upper bound (class attribute upper_bound) is not a method
             names = [f"{n} (upper bound: uses the true labels; not a method)"

@@ -24,7 +24,7 @@ from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.data.base import TensorSplit
 from fedkd.scenario import Scenario, TrainConfig, parse_scenario
 from fedkd.state import ActorStateStore, StateStore
-from fedkd.train import evaluate, train_supervised
+from fedkd.train import evaluate, predict, scores, train_supervised
 from fedkd.world import World, cached_world
 
 ClientFn = Callable[[Message, "ClientEnv"], RecordDict]
@@ -152,9 +152,13 @@ class ClientEnv:
     def private_model(self, key: str = "model") -> tuple[torch.nn.Module, bool]:
         """This client's persistent model and whether it existed (else a seeded fresh init).
 
-        The init seed depends on the scenario seed and the client only, not on the round.
+        The init seed depends on the scenario seed and the client only, not on the round;
+        with ``common-init`` in the config every client of an architecture starts from its
+        group's global initial model (:meth:`fedkd.world.World.init_seed`), as decentralized
+        SGD's peers do.
         """
-        seed = seed_for(int(self.config.get("seed", 0)), self.cid, 7)
+        seed = (self.world.init_seed(self.arch) if int(self.config.get("common-init", 0))
+                else seed_for(int(self.config.get("seed", 0)), self.cid, 7))
         model = self.world.new_model(self.arch, seed=seed).to(self.device)
         state = self.store.load(self.cid, key)
         if state is not None:
@@ -254,12 +258,17 @@ def local_test_metrics(model: torch.nn.Module, env: ClientEnv) -> dict[str, floa
 def evaluate_private(msg: Message, env: ClientEnv) -> RecordDict:
     """Evaluate this client's persistent model (``state-key``) on the global test set
     (``eval-acc``, ``eval-loss``) and, when it holds one, on its local test split
-    (``local-acc``, ``local-loss``, ``local-num-examples``)."""
+    (``local-acc``, ``local-loss``, ``local-num-examples``); with ``test-predictions`` in the
+    config also its predicted class of every test sample (``test-pred``, a measurement for
+    the peers' consensus: metrics, not arrays, so no byte is counted)."""
     model, _ = env.private_model(str(env.config.get("state-key", "model")))
     test = env.world.data.test
-    loss, acc = evaluate(model, test.x, test.y)
+    logits = predict(model, test.x)
+    loss, acc = scores(logits, test.y)
+    extra = ({"test-pred": logits.argmax(1).tolist()}
+             if int(env.config.get("test-predictions", 0)) else {})
     return RecordDict({"metrics": MetricRecord({"num-examples": len(test), "eval-loss": loss,
-                                                "eval-acc": acc,
+                                                "eval-acc": acc, **extra,
                                                 **local_test_metrics(model, env)})})
 
 

@@ -169,7 +169,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """
     if len(y) == 0:
         return float("nan"), float("nan")
-    logits = predict(model, x, batch_size)
+    return scores(predict(model, x, batch_size), y)
+
+
+def scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``logits`` against labels ``y`` (non-empty)."""
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return loss, acc

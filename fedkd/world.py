@@ -101,6 +101,10 @@ class World:
         return ModelSpace(self.data.input_shape, self.data.num_classes,
                           {s.arch: dict(s.params) for s in self.scenario.clients.models})
 
+    def init_seed(self, arch: str) -> int:
+        """Seed of the global initial model of architecture group ``arch``."""
+        return self.scenario.seed * 1000 + self.groups.index(arch)
+
     def new_model(self, arch: str, seed: int) -> torch.nn.Module:
         """A freshly initialised model of ``arch`` shaped for this dataset."""
         return build_model(arch, self.data.input_shape, self.data.num_classes, seed=seed,

@@ -102,8 +102,9 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
                   labels: torch.Tensor | None = None, ensemble: str = "probs",
                   temperature: float = 1.0,
                   weights_out: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  teachers: torch.Tensor | None = None,
                   ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """Each peer's target: the weighted ensemble of the *other* peers.
+    """Each peer's target: the weighted ensemble of the *other* peers (or of its neighbours).
 
     Parameters
     ----------
@@ -123,6 +124,9 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
     weights_out : list, optional
         Receives, per peer with a target, its teachers' mask and their ``(N, K-1)`` weights
         (for the teacher diagnostics).
+    teachers : torch.Tensor, optional
+        ``(K, K)`` boolean: ``teachers[k, l]`` when peer l teaches peer k (a communication
+        graph's neighbourhoods, :mod:`strategies.peer_kd`); every other peer by default.
 
     Returns
     -------
@@ -132,10 +136,12 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
         (zero diagonal).
     """
     k_peers = logits.shape[0]
+    if teachers is None:
+        teachers = ~torch.eye(k_peers, dtype=torch.bool)
     targets: list[torch.Tensor | None] = []
     mean_w = torch.zeros(k_peers, k_peers, dtype=torch.float64)
     for k in range(k_peers):
-        keep = torch.arange(k_peers) != k
+        keep = teachers[k]
         if not keep.any():
             targets.append(None)
             continue
@@ -153,12 +159,16 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
     return targets, mean_w
 
 
-def teacher_rows(nodes: Sequence[NodeInfo], mean_w: torch.Tensor) -> list[dict[str, Any]]:
-    """Per teacher, its mean weight over the targets of the peers it teaches."""
+def teacher_rows(nodes: Sequence[NodeInfo], mean_w: torch.Tensor,
+                 teachers: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Per teacher, its mean weight over the targets of the peers it teaches (``teachers``
+    as in :func:`leave_one_out`; every other peer by default)."""
     k_peers = len(nodes)
     if k_peers < 2:
         return []
-    per_teacher = mean_w.sum(dim=0) / (k_peers - 1)
+    taught = (torch.full((k_peers,), k_peers - 1) if teachers is None
+              else teachers.sum(dim=0).clamp(min=1))
+    per_teacher = mean_w.sum(dim=0) / taught
     return [{"client": n.cid, "class": -1, "weight": float(w), "acc": None,
              "source": "public"} for n, w in zip(nodes, per_teacher, strict=True)]
 
@@ -222,41 +232,55 @@ class DML(PublicSubset, Local):
         """Samples of each round's public subset: ``public_size`` (capped at the split)."""
         return self.public_size
 
+    #: Flower message type of the query that collects the peers' logits.
+    query_type = QUERY_TYPE
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The config of the round's query and train messages."""
+        return ConfigRecord({**dict(config), "server-round": server_round,
+                             "subset-seed": self.subset_seed(server_round),
+                             "subset-size": self.public_size,
+                             "temperature": self.temperature, "kl-weight": self.kl_weight,
+                             "peer-ensemble": self.peer_ensemble,
+                             "weighting-split": int(uses_labels(self.weigh))})
+
+    def teachers(self, server_round: int, peers: Sequence[NodeInfo]) -> torch.Tensor | None:
+        """``(K, K)`` mask of who teaches whom among the replying peers (None: every other
+        peer, DML's cohort)."""
+        return None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Collect the peers' logits, return each peer's leave-one-out target to train on."""
         if self.fraction_train == 0.0:
             return []
         nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
-        cfg = ConfigRecord({**dict(config), "server-round": server_round,
-                            "subset-seed": self.subset_seed(server_round),
-                            "subset-size": self.public_size,
-                            "temperature": self.temperature, "kl-weight": self.kl_weight,
-                            "peer-ensemble": self.peer_ensemble,
-                            "weighting-split": int(uses_labels(self.weigh))})
-        replies = query_logits(grid, nodes, cfg, QUERY_TYPE, server_round)
+        cfg = self.round_config(server_round, config)
+        replies = query_logits(grid, nodes, cfg, self.query_type, server_round)
         if not replies:
             return []
         peers = [self.node(r.metadata.src_node_id) for r in replies]
         logits = torch.stack([record_logits(r.content.array_records["logits"])
                               for r in replies])
         truth = self.public_truth(server_round)
+        teachers = self.teachers(server_round, peers)
         used: list[tuple[torch.Tensor, torch.Tensor]] = []
         targets, mean_w = leave_one_out(
             logits, self.weigh, peer_context(self.world, peers, replies, self.weigh, truth),
-            self.public_labels(server_round), self.peer_ensemble, self.temperature, used)
-        self.diagnose(server_round, peers, logits, used, mean_w, truth)
-        return [self.peer_message(n, t, cfg, server_round) for n, t in zip(peers, targets,
-                                                                           strict=True)]
+            self.public_labels(server_round), self.peer_ensemble, self.temperature, used,
+            teachers)
+        self.diagnose(server_round, peers, logits, used, mean_w, truth, teachers)
+        return [self.peer_message(n, t, cfg, server_round, r)
+                for n, t, r in zip(peers, targets, replies, strict=True)]
 
     def diagnose(self, server_round: int, peers: Sequence[NodeInfo], logits: torch.Tensor,
                  used: Sequence[tuple[torch.Tensor, torch.Tensor]], mean_w: torch.Tensor,
-                 truth: torch.Tensor | None) -> None:
+                 truth: torch.Tensor | None, teachers: torch.Tensor | None = None) -> None:
         """Record the round's leave-one-out ensembles: each peer's teacher weights (mean over
         the targets it is part of) and the diagnostics averaged over the peers' ensembles."""
         if len(peers) < 2:
             return
-        rows = teacher_rows(peers, mean_w)
+        rows = teacher_rows(peers, mean_w, teachers)
         if not self.teacher_log.enabled:
             self.teacher_log.rows[server_round] = rows
             return
@@ -273,8 +297,9 @@ class DML(PublicSubset, Local):
         self.teacher_log.add(server_round, Diagnosis(summary, rows))
 
     def peer_message(self, node: NodeInfo, target: torch.Tensor | None, cfg: ConfigRecord,
-                     server_round: int) -> Message:
-        """The train message of one peer (its target, if it has peers this round)."""
+                     server_round: int, reply: Message | None = None) -> Message:
+        """The train message of one peer (its target, if it has peers this round); ``reply``
+        is the peer's answer to the query."""
         content = RecordDict({"config": cfg})
         if target is not None:
             content["peers"] = logits_record(target)

@@ -129,8 +129,8 @@ class FedAvg(FlowerFedAvg):
     def initial_arrays(self, world: World) -> ArrayRecord:
         """Seeded initial global model of every architecture group, keys ``<arch>.<param>``."""
         arrays: dict[str, Array] = {}
-        for i, arch in enumerate(world.groups):
-            model = world.new_model(arch, seed=world.scenario.seed * 1000 + i)
+        for arch in world.groups:
+            model = world.new_model(arch, seed=world.init_seed(arch))
             arrays.update(state_dict_to_arrayrecord(model.state_dict(), prefix=arch).items())
         return ArrayRecord(arrays)
 

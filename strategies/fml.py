@@ -221,8 +221,7 @@ class FML(Local):
         if self.meme_arch is None:
             self.bind(world)
         arch = str(self.meme_arch)
-        index = world.groups.index(arch)
-        model = world.new_model(arch, seed=world.scenario.seed * 1000 + index)
+        model = world.new_model(arch, seed=world.init_seed(arch))
         return join_groups({arch: state_dict_to_arrayrecord(model.state_dict())})
 
     def train_messages(self, server_round: int, nodes: Sequence[NodeInfo],

@@ -134,10 +134,15 @@ class Local(FedAvg):
         if not self.evaluates(server_round):
             return []
         content = RecordDict({"config": ConfigRecord({**dict(config), "seed": self.seed,
-                                                      "server-round": server_round})})
+                                                      "server-round": server_round,
+                                                      **self.private_eval_config()})})
         return [Message(content, dst_node_id=n.node_id,
                         message_type=f"{MessageType.EVALUATE}.private",
                         group_id=str(server_round)) for n in self.discover(grid)]
+
+    def private_eval_config(self) -> dict[str, Any]:
+        """Extra config entries of the ``evaluate.private`` messages (none here)."""
+        return {}
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:

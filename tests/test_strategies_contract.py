@@ -25,8 +25,8 @@ from strategies import STRATEGIES, get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
-BUILT_IN = ["dml", "dsfl", "fd", "fedavg", "fedbe", "feddf", "fedftg", "fedgen", "fedgkd",
-            "fedmd", "fedntd", "fedproto", "fml", "local"]
+BUILT_IN = ["dml", "dpsgd", "dsfl", "fd", "fedavg", "fedbe", "feddf", "fedftg", "fedgen",
+            "fedgkd", "fedmd", "fedntd", "fedproto", "fml", "local", "peer_kd"]
 ALL = sorted(set(STRATEGIES.names()))  # imports every module of the package
 
 #: Tiny runs: 4 clients, 2 rounds, a few local steps.
@@ -43,10 +43,12 @@ SMALL: dict[str, dict[str, Any]] = {
                "gen_width": 8},
     "fedgen": {"generator_steps": 2},
     "fedmd": {},
+    "peer_kd": {"public_size": 40},
 }
 
 #: Strategies with a teacher ensemble, and its size on the toy run (uniform weights).
-ENSEMBLES = {"dml": 3.0, "fedbe": 7.0, "feddf": 4.0, "fedftg": 4.0, "fedmd": 4.0}
+ENSEMBLES = {"dml": 3.0, "fedbe": 7.0, "feddf": 4.0, "fedftg": 4.0, "fedmd": 4.0,
+             "peer_kd": 3.0}
 
 #: Off-switch parameters and the strategy they must then equal.
 OFF_SWITCH: dict[str, tuple[dict[str, Any], str]] = {

@@ -53,7 +53,9 @@ class RunRecorder:
     strategy : Any
         The running strategy: maps node ids to clients (``node(nid).cid``) and may expose
         ``teacher_log`` (:class:`fedkd.diagnostics.TeacherLog`): per-teacher rows for
-        ``teachers.parquet`` and the round's teacher diagnostics for ``metrics.parquet``.
+        ``teachers.parquet`` and the round's teacher diagnostics for ``metrics.parquet``, and
+        ``edge_log`` (peers on a graph, :mod:`strategies.peers`): the ``(src, dst)`` partition
+        ids of every edge a peer's upload crossed in a round, for ``edges.parquet``.
     metrics_port : int, optional
         Serve Prometheus metrics on ``127.0.0.1:<port>``.
     progress : bool
@@ -80,8 +82,9 @@ class RunRecorder:
         self.metrics = ParquetLog(run_dir / "metrics.parquet")
         self.clients = ParquetLog(run_dir / "clients.parquet")
         self.teachers = ParquetLog(run_dir / "teachers.parquet")
+        self.edges = ParquetLog(run_dir / "edges.parquet")
         if resume_round:  # a resumed run: keep the rows up to its checkpoint, drop the rest
-            for log in (self.metrics, self.clients, self.teachers):
+            for log in (self.metrics, self.clients, self.teachers, self.edges):
                 if log.path.exists():
                     rows = pq.read_table(log.path).to_pylist()
                     log.extend([r for r in rows if r["round"] <= resume_round])
@@ -93,6 +96,7 @@ class RunRecorder:
         rows = self.metrics.rows
         last = rows[-1] if rows else {}
         self.cum = [int(last.get("bytes_down_cum", 0)), int(last.get("bytes_up_cum", 0))]
+        self.edge_cum = int(last.get("edge_bytes_cum") or 0)
         self.start = time.perf_counter()
         try:
             self.trackers = build_trackers(world.scenario, run_dir, resume_round)
@@ -122,6 +126,7 @@ class RunRecorder:
             "failures": sum(1 for t in res.traffic.values() if t.failed),
             "wall_s": res.seconds, "elapsed_s": time.perf_counter() - self.start,
         })
+        row.update(self.record_edges(res))
         self.metrics.append(row)
         self.clients.extend([
             {"round": res.round, "client": self._cid(nid), "arch": self.world.archs[
@@ -144,6 +149,24 @@ class RunRecorder:
         shown = [f"acc={acc:.4f}"] if acc is not None else []
         self.bar.set_postfix_str(" ".join([*shown, f"MB={sum(self.cum) / 1e6:.2f}"]))
         self.bar.update(1)
+
+    def record_edges(self, res: RoundResult) -> dict[str, Any]:
+        """``edges.parquet`` rows of a strategy whose peers talk along a graph (its
+        ``edge_log``; each edge carries its sender's upload) and the round's edge totals:
+        ``edge_bytes``, ``edge_bytes_cum`` and ``edge_bytes_per_peer`` (per sampled peer)."""
+        edges = getattr(self.strategy, "edge_log", None)
+        if edges is None:
+            return {}
+        sent = {self._cid(nid): t.up for nid, t in res.traffic.items()}
+        rows = [{"round": res.round, "src": src, "dst": dst, "bytes": int(sent.get(src, 0))}
+                for src, dst in edges.get(res.round, [])]
+        if rows:
+            self.edges.extend(rows)
+        total = sum(r["bytes"] for r in rows)
+        self.edge_cum += total
+        peers = sum(1 for t in res.traffic.values() if t.metrics or t.failed)
+        return {"edge_bytes": total, "edge_bytes_cum": self.edge_cum,
+                "edge_bytes_per_peer": total / peers if peers else 0.0}
 
     def _cid(self, node_id: int) -> int:
         return self.strategy.node(node_id).cid

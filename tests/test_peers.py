@@ -1,0 +1,159 @@
+"""Decentralized peers on a graph: peer_kd targets, dpsgd mixing, edge bytes, consensus."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from grids import CidGrid, run_in_process
+
+from fedkd.compose import build_strategy, load_scenario
+from fedkd.errors import ScenarioError
+from fedkd.world import build_world
+from strategies import get_strategy
+from strategies.dml import leave_one_out
+from strategies.fedavg import NodeInfo
+from strategies.fedmd import logits_record, record_logits
+from strategies.peer_kd import QUERY_TYPE, TRAIN_TYPE, PeerKD
+from strategies.peers import disagreement
+from strategies.topology import make_topology
+from strategies.weighting import TeacherContext, make_weighting
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
+TOY_RUN = ["rounds=2", "clients.train.steps=3", "clients.train.batch_size=16",
+           "partition.params.min_size=5", "clients.models=[{arch: mlp}]"]
+
+# (K=4 peers, N=2 samples, C=3 classes)
+TOY = torch.tensor([[[0.0, 3.0, 1.0], [6.0, 0.0, 0.0]],
+                    [[3.0, 0.0, 0.0], [0.0, 6.0, 1.0]],
+                    [[6.0, 6.0, 0.0], [3.0, 3.0, 3.0]],
+                    [[0.0, 0.0, 5.0], [1.0, 2.0, 3.0]]])
+
+
+def test_disagreement_exact() -> None:
+    preds = np.array([[0, 1, 2], [0, 1, 1], [0, 2, 1]])
+    # sample 0: all agree; sample 1: one pair of 3 agrees; sample 2: one pair agrees
+    assert disagreement(preds, 3) == pytest.approx((0 + 2 / 3 + 2 / 3) / 3)
+    assert disagreement(preds[:1], 3) == 0.0
+
+
+def _toy_peer_kd(topology: str, **params: Any) -> tuple[PeerKD, CidGrid, list[Any]]:
+    strategy = get_strategy("peer_kd")(seed=1, public_size=2, temperature=2.0,
+                                       topology={"name": topology}, **params)
+    strategy.topology = make_topology({"name": topology}, 4, seed=0)
+    strategy.nodes = [NodeInfo(node_id=50 + cid, cid=cid, arch="mlp", num_examples=cid + 1,
+                               label_counts=(1, 1, 1)) for cid in range(4)]
+    grid = CidGrid(strategy, lambda cid: RecordDict({
+        "logits": logits_record(TOY[cid]),
+        "metrics": MetricRecord({"train-loss": 0.5 + cid, "num-examples": 10})}))
+    msgs = list(strategy.configure_train(3, None, ConfigRecord({"lr": 0.1}), grid))
+    return strategy, grid, msgs
+
+
+def test_peer_kd_on_a_complete_graph_sends_dml_targets() -> None:
+    strategy, grid, msgs = _toy_peer_kd("complete")
+    assert [m.metadata.message_type for m in grid.sent] == [QUERY_TYPE] * 4
+    ctx = TeacherContext(num_examples=torch.arange(1.0, 5.0), label_counts=torch.ones(4, 3))
+    dml, _ = leave_one_out(TOY, make_weighting("uniform"), ctx, temperature=2.0)
+    for m, t, cid in zip(msgs, dml, range(4), strict=True):
+        assert m.metadata.message_type == TRAIN_TYPE
+        assert torch.equal(record_logits(m.content.array_records["peers"]), t)
+        assert m.content.config_records["config"]["local-loss"] == 0.5 + cid
+    assert strategy.edge_log[3] == [(s, d) for s in range(4) for d in range(4) if s != d]
+    assert strategy.graph_metrics[3] == {"spectral-gap": pytest.approx(1.0), "edges": 12}
+
+
+def test_peer_kd_on_a_ring_distils_from_its_two_neighbours_only() -> None:
+    strategy, _, msgs = _toy_peer_kd("ring")
+    probs = torch.softmax(TOY / 2.0, dim=2)
+    for k, m in enumerate(msgs):
+        expected = (probs[(k - 1) % 4] + probs[(k + 1) % 4]) / 2
+        torch.testing.assert_close(record_logits(m.content.array_records["peers"]), expected)
+    assert strategy.edge_log[3] == [(0, 1), (0, 3), (1, 0), (1, 2), (2, 1), (2, 3), (3, 0),
+                                    (3, 2)]
+    # ring of 4, Metropolis weights 1/3: eigenvalues 1, 1/3, 1/3, -1/3
+    assert strategy.graph_metrics[3]["spectral-gap"] == pytest.approx(2 / 3)
+    rows = strategy.teacher_log.rows[3]
+    assert [r["weight"] for r in rows] == [pytest.approx(0.5)] * 4
+
+
+def test_peer_kd_rejects_generated_shared_data() -> None:
+    with pytest.raises(ScenarioError, match=r"strategy\.params\.shared_data"):
+        get_strategy("peer_kd")(shared_data="generated")
+
+
+def test_dpsgd_rejects_heterogeneous_models() -> None:
+    world = build_world(load_scenario(QUICKSTART, [
+        "strategy.name=dpsgd", "clients.models=[{arch: mlp, fraction: 0.5}, "
+        "{arch: cnn_small, fraction: 0.5}]"]))
+    with pytest.raises(ScenarioError, match=r"^clients\.models"):
+        build_strategy(world.scenario, world)
+
+
+def test_dpsgd_on_a_complete_graph_equals_fedavg_with_full_participation(
+        tmp_path: Path) -> None:
+    # 3 IID clients of exactly 431 samples each: FedAvg's size weights are Metropolis' 1/3
+    same = [*TOY_RUN, "clients.num=3", "partition.name=iid", "partition.params={}",
+            "data.val_fraction=0.0", "rounds=3"]
+    world = build_world(load_scenario(QUICKSTART, [*same, "strategy.name=fedavg"]))
+    assert [len(p) for p in world.parts] == [431, 431, 431]
+    fedavg = run_in_process(world, tmp_path / "fedavg")
+    dpsgd_world = build_world(load_scenario(QUICKSTART, [*same, "strategy.name=dpsgd"]))
+    dpsgd = run_in_process(dpsgd_world, tmp_path / "dpsgd")
+    for a, b in zip(fedavg, dpsgd, strict=True):
+        assert b.eval_metrics["acc"] == pytest.approx(a.eval_metrics["acc"], abs=1e-6)
+        assert b.eval_metrics["loss"] == pytest.approx(a.eval_metrics["loss"], rel=1e-5)
+        assert b.eval_metrics["consensus"] == pytest.approx(0.0, abs=1e-6)
+        assert b.train_metrics["train-loss"] == pytest.approx(a.train_metrics["train-loss"],
+                                                              rel=1e-5)
+
+
+def _cli(tmp: Path, *overrides: str) -> Path:
+    out = tmp / "runs"
+    args = [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART), "--out", str(out),
+            "--no-progress", "--set", "engine.name=inline"]
+    for o in [*TOY_RUN, *overrides]:
+        args += ["--set", o]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = (out / "quickstart").iterdir()
+    return run
+
+
+def test_peer_kd_cli_writes_bytes_per_edge(tmp_path: Path) -> None:
+    run = _cli(tmp_path, "strategy.name=peer_kd", "clients.num=6",
+               "strategy.params.public_size=40", "strategy.params.topology.name=ring")
+    edges = pq.read_table(run / "edges.parquet").to_pylist()
+    # a ring of 6: 12 directed edges a round; each carries its sender's 40 x 10 float32
+    # logits (1,600 bytes) and the .npy header (128 bytes)
+    assert len(edges) == 24
+    assert {e["bytes"] for e in edges} == {40 * 10 * 4 + 128}
+    assert [(e["src"], e["dst"]) for e in edges[:4]] == [(0, 1), (0, 5), (1, 0), (1, 2)]
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [m["edge_bytes"] for m in metrics] == [12 * 1728] * 2
+    assert [m["edge_bytes_cum"] for m in metrics] == [12 * 1728, 24 * 1728]
+    assert [m["edge_bytes_per_peer"] for m in metrics] == [2 * 1728] * 2
+    assert [m["spectral_gap"] for m in metrics] == [pytest.approx(1 / 3)] * 2
+    for m in metrics:
+        assert 0.0 < m["consensus"] <= 1.0
+        assert m["acc-min"] <= m["acc-worst10"] <= m["acc"]
+
+
+def test_partial_participation_uses_edges_among_sampled_peers_only(tmp_path: Path) -> None:
+    run = _cli(tmp_path, "strategy.name=dpsgd", "clients.num=8", "clients.fraction=0.5",
+               "strategy.params.topology.name=complete")
+    clients = pq.read_table(run / "clients.parquet").to_pylist()
+    edges = pq.read_table(run / "edges.parquet").to_pylist()
+    for rnd in (1, 2):
+        active = {c["client"] for c in clients if c["round"] == rnd and c["bytes_up"] > 0}
+        assert len(active) == 4
+        pairs = {(e["src"], e["dst"]) for e in edges if e["round"] == rnd}
+        assert pairs == {(s, d) for s in active for d in active if s != d}
