@@ -12,6 +12,9 @@ With a baseline configuration, every other configuration is compared with it see
 two-sided 95 % Student-t interval (`t_quantile`, computed without scipy). Runs that record
 teacher-ensemble diagnostics (``teach_*`` columns of ``metrics.parquet``) add their curves
 (`teacher_diagnostics_figure`) and a table of their final values (`diagnostic_rows`).
+Decentralized runs (peers on a graph, which record ``consensus``) add accuracy and consensus
+against rounds and against the bytes sent over the graph's edges (`peers_figure`), and a table
+of their final values per configuration (`peer_rows`).
 """
 
 from __future__ import annotations
@@ -96,10 +99,21 @@ def _acc(row: dict[str, Any], key: str = "acc") -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+def present_values(metrics: list[dict[str, Any]], key: str) -> list[float]:
+    """The recorded values of ``key`` in row order; missing (None) and NaN ones left out."""
+    return [a for a in (_acc(r, key) for r in metrics) if a is not None]
+
+
 def final_value(metrics: list[dict[str, Any]], key: str) -> float:
     """The last recorded (non-missing) value of ``key`` (nan if none)."""
-    values = [a for a in (_acc(r, key) for r in metrics) if a is not None]
+    values = present_values(metrics, key)
     return values[-1] if values else math.nan
+
+
+def mean_value(metrics: list[dict[str, Any]], key: str) -> float:
+    """The mean of the recorded (non-missing) values of ``key`` over rows (nan if none)."""
+    values = present_values(metrics, key)
+    return float(np.mean(values)) if values else math.nan
 
 
 def _mb(row: dict[str, Any]) -> float:
@@ -254,21 +268,43 @@ def _curve(runs: list[Run], x_of: Any,
     return x, ys.mean(axis=0), ys.std(axis=0)
 
 
-def _round_curve(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _round_curve(runs: list[Run], key: str,
+                 x_key: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and std of ``key`` across seeds per round, over the seeds that recorded it then.
 
     Unlike `_curve`, rounds are matched by number, so a value missing in some rounds of one
     seed does not shift the others; rounds where no seed has a value are left out.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        The seeds of one configuration.
+    key : str
+        The column averaged.
+    x_key : str, optional
+        A column to use as x instead of the round: its per-round mean over the seeds that
+        recorded it (e.g. ``edge_bytes_cum``); rounds without it are left out.
+
+    Returns
+    -------
+    tuple of np.ndarray
+        x (rounds, or the mean of ``x_key``), mean and std of ``key``.
     """
     by_round: dict[int, list[float]] = {}
+    x_by_round: dict[int, list[float]] = {}
     for r in runs:
         for row in r.metrics:
             v = _acc(row, key)
             if v is not None:
                 by_round.setdefault(int(row["round"]), []).append(v)
-    x = np.array(sorted(by_round), dtype=np.int64)
-    mean = np.array([np.mean(by_round[k]) for k in x], dtype=np.float64)
-    sd = np.array([np.std(by_round[k]) for k in x], dtype=np.float64)
+            xv = _acc(row, x_key) if x_key is not None else None
+            if xv is not None:
+                x_by_round.setdefault(int(row["round"]), []).append(xv)
+    rounds = sorted(k for k in by_round if x_key is None or k in x_by_round)
+    x = (np.array(rounds, dtype=np.int64) if x_key is None else
+         np.array([np.mean(x_by_round[k]) for k in rounds], dtype=np.float64))
+    mean = np.array([np.mean(by_round[k]) for k in rounds], dtype=np.float64)
+    sd = np.array([np.std(by_round[k]) for k in rounds], dtype=np.float64)
     return x, mean, sd
 
 
@@ -347,6 +383,23 @@ def teacher_weights_figure(runs: list[Run]) -> Figure | None:
         ax.set_title(c, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _colours(n: int) -> list[Any]:
+    """``n`` told-apart colours: the default cycle up to 10, else tab20 (repeating past 20)."""
+    return ([f"C{i}" for i in range(n)] if n <= 10 else
+            [matplotlib.colormaps["tab20"](i % 20) for i in range(n)])
+
+
+def _side_legend(fig: Figure, ax: Axes, title: str | None = None) -> None:
+    """A figure legend of ``ax``'s lines right of the axes, then a tight layout."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.74, 0.5),
+                   fontsize=7, title=title, title_fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0, 0.73, 1))
+    else:
+        fig.tight_layout()
 
 
 def save_figure(fig: Figure | None, path: Path) -> bool:
@@ -707,9 +760,7 @@ def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(len(DIAGNOSTIC_PANELS), 1, i + 1)
             for i in range(len(DIAGNOSTIC_PANELS))]
-    # up to 20 told-apart colours (tab20), the default cycle for a few configurations
-    colours = ([f"C{i}" for i in range(len(configs))] if len(configs) <= 10 else
-               [matplotlib.colormaps["tab20"](i % 20) for i in range(len(configs))])
+    colours = _colours(len(configs))
     for ax, (key, ylabel, ref) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
         for c, colour in zip(configs, colours, strict=True):
             group = [r for r in with_diag if r.config == c]
@@ -724,16 +775,10 @@ def teacher_diagnostics_figure(runs: list[Run]) -> Figure | None:
         ax.set_xlabel("round")
         integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        title = "dashed: validation split" if any(
-            any(k.startswith("teach_val_") for k in row) for r in with_diag for row in r.metrics
-        ) else None
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.74, 0.5),
-                   fontsize=7, title=title, title_fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0, 0.73, 1))
-    else:
-        fig.tight_layout()
+    title = "dashed: validation split" if any(
+        any(k.startswith("teach_val_") for k in row) for r in with_diag for row in r.metrics
+    ) else None
+    _side_legend(fig, axes[0], title)
     return fig
 
 
@@ -820,6 +865,160 @@ def gain_markdown(stats: dict[str, Any], baseline: str, left_out: tuple[str, ...
             f"over `{baseline}` correlates with the final-round {cells}.\n")
 
 
+# --- peers on a graph (decentralized strategies) -------------------------------------------
+
+PEER_PANELS = (("acc", "accuracy"), ("consensus", "consensus (disagreement)"))
+"""Columns of `peers_figure`: metric and y label."""
+
+EDGE_MB_LABEL = "MB over the graph's edges"
+
+
+def has_peers(run: Run) -> bool:
+    """Whether the run's peers recorded their consensus (some non-missing ``consensus``)."""
+    return bool(present_values(run.metrics, "consensus"))
+
+
+def _edge_mb(run: Run) -> float:
+    """Total MB sent over the graph's edges: the last ``edge_bytes_cum`` / 1e6 (nan if none)."""
+    return final_value(run.metrics, "edge_bytes_cum") / 1e6
+
+
+def peer_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per configuration with consensus data: final accuracy, consensus and the edges' cost.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs; those without a recorded ``consensus`` are left out.
+
+    Returns
+    -------
+    list[dict]
+        ``config``, ``seeds``; over seeds, of each run's last recorded value (`final_value`):
+        ``final_acc`` and ``final_acc_std``, ``final_acc_min``, ``final_acc_worst10``,
+        ``final_local_acc`` (None when no seed recorded ``local-acc``), ``final_consensus``
+        and ``final_consensus_std``; ``spectral_gap``: the mean over seeds of each run's mean
+        over rounds; ``edge_mb``: the mean total MB over the graph's edges; and
+        ``acc_per_edge_mb``: the mean over seeds of final accuracy / edge MB (seeds with no
+        edge MB left out; None when none has).
+    """
+    with_peers = [r for r in runs if has_peers(r)]
+    rows = []
+    for c in sorted({r.config for r in with_peers}):
+        group = [r for r in with_peers if r.config == c]
+        acc, acc_sd = _stats([final_value(r.metrics, "acc") for r in group])
+        cons, cons_sd = _stats([final_value(r.metrics, "consensus") for r in group])
+        local = _stats([final_value(r.metrics, "local-acc") for r in group])[0]
+        ratios = [a / mb for a, mb in ((final_value(r.metrics, "acc"), _edge_mb(r))
+                                       for r in group) if mb > 0 and not math.isnan(a)]
+        rows.append({
+            "config": c, "seeds": len(group), "final_acc": acc, "final_acc_std": acc_sd,
+            "final_acc_min": _stats([final_value(r.metrics, "acc-min") for r in group])[0],
+            "final_acc_worst10": _stats([final_value(r.metrics, "acc-worst10")
+                                         for r in group])[0],
+            "final_local_acc": None if math.isnan(local) else local,
+            "final_consensus": cons, "final_consensus_std": cons_sd,
+            "spectral_gap": _stats([mean_value(r.metrics, "spectral_gap") for r in group])[0],
+            "edge_mb": _stats([_edge_mb(r) for r in group])[0],
+            "acc_per_edge_mb": float(np.mean(ratios)) if ratios else None})
+    return rows
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def peers_markdown(rows: list[dict[str, Any]]) -> str:
+    """`peer_rows` as a Markdown section: a heading, a table and what its columns mean."""
+    local = any(r["final_local_acc"] is not None for r in rows)
+    lines = ["## Peers on graphs", "", "Final round (mean ± std over seeds)", "",
+             "| config | seeds | final acc | final min acc | final worst 10 % acc |"
+             + (" final local acc |" if local else "")
+             + " final consensus | spectral gap | edge MB | acc per edge MB |",
+             "|---|---|---|---|---|" + ("---|" if local else "") + "---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['seeds']} | {_pm(r['final_acc'], r['final_acc_std'], 4)} "
+            f"| {_num(r['final_acc_min'], '.4f')} | {_num(r['final_acc_worst10'], '.4f')} |"
+            + (f" {_num(r['final_local_acc'], '.4f')} |" if local else "")
+            + f" {_pm(r['final_consensus'], r['final_consensus_std'], 4)} "
+            f"| {_num(r['spectral_gap'], '.3f')} | {_num(r['edge_mb'], '.2f')} "
+            f"| {_num(r['acc_per_edge_mb'], '#.4g')} |")
+    lines += ["", "Consensus is the mean pairwise disagreement of the peers' test-set "
+              "predictions (0 when every peer predicts alike); edge MB is the bytes sent over "
+              "the graph's edges in the whole run (each edge carrying its sender's upload), "
+              "and acc per edge MB each seed's final accuracy divided by its edge MB."]
+    return "\n".join(lines) + "\n"
+
+
+def peers_figure(runs: list[Run]) -> Figure | None:
+    """Accuracy and consensus vs round (top) and vs MB over the graph's edges (bottom).
+
+    One line per configuration with consensus data: the mean over seeds per round with a ±std
+    band (`_round_curve`); rounds without a value (not evaluated) are skipped. On the bottom
+    row x is the per-round mean over seeds of ``edge_bytes_cum`` in MB.
+
+    Parameters
+    ----------
+    runs : list[Run]
+        Runs; only those with a recorded ``consensus`` are drawn.
+
+    Returns
+    -------
+    Figure | None
+        A 2 x 2 grid of axes, or ``None`` when no run has consensus data.
+    """
+    with_peers = [r for r in runs if has_peers(r)]
+    if not with_peers:
+        return None
+    configs = sorted({r.config for r in with_peers})
+    fig = Figure(figsize=(11, 7))
+    FigureCanvasAgg(fig)
+    axes = [[fig.add_subplot(2, 2, 2 * i + j + 1) for j in range(2)] for i in range(2)]
+    for c, colour in zip(configs, _colours(len(configs)), strict=True):
+        group = [r for r in with_peers if r.config == c]
+        for j, (key, _) in enumerate(PEER_PANELS):
+            label = c if j == 0 else f"_{c}"
+            x, mean, sd = _round_curve(group, key)
+            if x.size:
+                _band(axes[0][j], x, mean, sd, label, color=colour)
+            x, mean, sd = _round_curve(group, key, x_key="edge_bytes_cum")
+            if x.size:
+                _band(axes[1][j], x / 1e6, mean, sd, f"_{c}", color=colour)
+    for j, (_, ylabel) in enumerate(PEER_PANELS):
+        for i, xlabel in enumerate(("round", EDGE_MB_LABEL)):
+            ax = axes[i][j]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        integer_ticks(axes[0][j].xaxis)
+    _side_legend(fig, axes[0][0])
+    return fig
+
+
+def plot_peers(runs: list[Run], path: Path) -> bool:
+    """Write `peers_figure` as PNG. False (nothing written) when no run has consensus data."""
+    return save_figure(peers_figure(runs), path)
+
+
+def write_peers(runs: list[Run], out: Path) -> str:
+    """Write ``peers.md``, ``peers.parquet`` (`peer_rows`) and ``peers.png`` in ``out``.
+
+    Returns
+    -------
+    str
+        The Markdown written, or ``""`` (nothing written) when no run has consensus data.
+    """
+    rows = peer_rows(runs)
+    if not rows:
+        return ""
+    text = peers_markdown(rows)
+    (out / "peers.md").write_text(text)
+    pq.write_table(pa.Table.from_pylist(rows), out / "peers.parquet")
+    plot_peers(runs, out / "peers.png")
+    return text
+
+
 def report(paths: list[Path], out: Path | None = None, target: float | None = None,
            baseline: str | None = None) -> tuple[list[dict[str, Any]], Path, str]:
     """Build the comparison: table (Markdown + Parquet) and plots in ``out``.
@@ -840,7 +1039,9 @@ def report(paths: list[Path], out: Path | None = None, target: float | None = No
     -------
     tuple
         The table rows, the output folder and the Markdown text: the table, then the paired
-        comparison (with a baseline) and the teacher diagnostics (when recorded).
+        comparison (with a baseline), the teacher diagnostics (when recorded) and the peers on
+        graphs (when some run recorded ``consensus``: ``peers.md``, ``peers.parquet``,
+        ``peers.png``).
 
     Raises
     ------
@@ -878,5 +1079,8 @@ def report(paths: list[Path], out: Path | None = None, target: float | None = No
             with (out / "diagnostics.md").open("a") as f:
                 f.write("\n" + sentence)
             text += "\n" + sentence
+    peers = write_peers(runs, out)
+    if peers:
+        text += "\n" + peers
     (out / "report.json").write_text(json.dumps({"target": target, "runs": len(runs)}))
     return rows, out, text
