@@ -63,6 +63,11 @@ def validate(scn: Scenario) -> None:
     strategy = get_strategy(scn.strategy.name)
     check_kwargs(strategy, scn.strategy.params, "strategy.params", skip=STRATEGY_CONTEXT_ARGS)
     make_wire(scn.comm, scn.seed)
+    if scn.server.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ScenarioError("server.device", "cuda", "cpu or auto (no CUDA device here)")
 
 
 def check_resources(asked: Resources, available: Mapping[str, float], where: str) -> None:

@@ -9,7 +9,7 @@ teachers (FedGen's heads, FedFTG's generator) use :meth:`TeacherEnsemble.modules
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,14 +26,16 @@ class ModelSpace:
     input_shape: tuple[int, ...]
     num_classes: int
     params: dict[str, dict[str, Any]]
+    device: str = "cpu"
 
     def build(self, arch: str, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """A model of ``arch``, loaded with ``state`` when given, in eval mode."""
+        """A model of ``arch``, loaded with ``state`` when given, in eval mode, on
+        :attr:`device`."""
         model = build_model(arch, self.input_shape, self.num_classes, seed=0,
                             **self.params.get(arch, {}))
         if state is not None:
             model.load_state_dict(state)
-        return model.eval()
+        return model.to(self.device).eval()
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class _TeacherWorker:
 
     def logits(self, space: ModelSpace, teachers: list[Teacher], x: torch.Tensor,
                batch_size: int) -> torch.Tensor:
-        return _logits(space, teachers, x, batch_size)
+        # teacher actors hold no GPU (zero resources reserved): they compute on the CPU
+        return _logits(replace(space, device="cpu"), teachers, x, batch_size)
 
 
 class TeacherEnsemble:

@@ -176,9 +176,13 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Server-side work: evaluation batch size, torch threads (0 = all), teacher actors, and
-    whether teacher ensembles are diagnosed each round (:mod:`fedkd.diagnostics`)."""
+    """Server-side work: evaluation batch size, torch threads (0 = all), teacher actors,
+    whether teacher ensembles are diagnosed each round (:mod:`fedkd.diagnostics`), and the
+    device of server-side models (teacher ensembles, distillation students, FedFTG's
+    generator): ``cpu``, ``cuda`` or ``auto`` (CUDA when there is one)."""
 
+    device: str = field(default="cpu", metadata=_check(lambda v: v in ("cpu", "cuda", "auto"),
+                                                       "cpu, cuda or auto"))
     eval_batch_size: int = field(default=1024, metadata=_check(_positive, "an integer > 0"))
     threads: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     teacher_actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))

@@ -97,9 +97,18 @@ class World:
         return {}
 
     def model_space(self) -> ModelSpace:
-        """How to build any of this world's architectures (for teacher ensembles)."""
+        """How to build any of this world's architectures (for teacher ensembles), on the
+        server's device."""
         return ModelSpace(self.data.input_shape, self.data.num_classes,
-                          {s.arch: dict(s.params) for s in self.scenario.clients.models})
+                          {s.arch: dict(s.params) for s in self.scenario.clients.models},
+                          str(self.server_device))
+
+    @property
+    def server_device(self) -> torch.device:
+        """Where server-side models live (``server.device``; ``auto``: CUDA when present)."""
+        asked = self.scenario.server.device
+        cuda = asked == "cuda" or (asked == "auto" and torch.cuda.is_available())
+        return torch.device("cuda" if cuda else "cpu")
 
     def init_seed(self, arch: str) -> int:
         """Seed of the global initial model of architecture group ``arch``."""

@@ -69,7 +69,7 @@ from fedkd.client import seed_for
 from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.ensemble import Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
-from fedkd.train import batch_indices, evaluate, fit
+from fedkd.train import batch_indices, device_of, evaluate, fit
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg, num_examples
@@ -222,11 +222,13 @@ def swa_distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor,
                       weight_decay=WEIGHT_DECAY, start=swa_start, freq=swa_freq)
     batches = batch_indices(len(x), batch_size, torch.Generator().manual_seed(seed),
                             steps=steps)
-    ran = fit(student, opt, batches, lambda idx: loss_fn(student(x[idx]), targets[idx])).steps
+    dev = device_of(student)  # the server's device; x and targets may stay on the CPU
+    ran = fit(student, opt, batches,
+              lambda idx: loss_fn(student(x[idx].to(dev)), targets[idx].to(dev))).steps
     averaged = opt.swap()
     if averaged and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                         for m in student.modules()):
-        torch.optim.swa_utils.update_bn([x[i:i + batch_size]
+        torch.optim.swa_utils.update_bn([x[i:i + batch_size].to(dev)
                                          for i in range(0, len(x), batch_size)], student)
     return ran, averaged
 

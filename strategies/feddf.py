@@ -73,7 +73,7 @@ from fedkd.data.base import TensorSplit
 from fedkd.distill import kd_kl, kd_kl_probs, weighted_logits, weighted_probs
 from fedkd.ensemble import ModelSpace, Teacher, TeacherEnsemble
 from fedkd.errors import ScenarioError
-from fedkd.train import batch_indices, evaluate, fit
+from fedkd.train import batch_indices, device_of, evaluate, fit
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.certainty import CERTAINTY_TRAIN, uploaded_scores
@@ -262,7 +262,8 @@ def _val_acc(model: nn.Module, val: TensorSplit | None) -> float:
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A CPU copy of the model's state (the model may live on a GPU)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
@@ -306,8 +307,10 @@ def distill(student: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn:
         len(x), batch_size, torch.Generator().manual_seed(seed), steps=steps)
     interval = eval_interval if val is not None else steps
 
+    dev = device_of(student)
+
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        return loss_fn(student(x[idx]), targets[idx])
+        return loss_fn(student(x[idx].to(dev)), targets[idx].to(dev))
 
     best: tuple[float, dict[str, torch.Tensor], int] | None = None  # acc, state, step
     done = bad = 0

@@ -259,8 +259,9 @@ class FedFTG(FedAvg):
         ``learned`` fit on the weighting split (:func:`strategies.weighting.weighting_split`).
     weighting_params : dict, optional
         Its parameters.
-    device : str
-        Where the server synthesises and distils: ``"cpu"`` or ``"cuda"``.
+    device : str, optional
+        Where the server synthesises and distils: ``"cpu"`` or ``"cuda"``; by default the
+        scenario's ``server.device``.
     """
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
@@ -274,7 +275,7 @@ class FedFTG(FedAvg):
                  adv_clip: float | None = None, temperature: float | None = None,
                  pool_size: int = 20, freeze_bn: bool = False, rollback: bool = False,
                  label_weighting: bool | None = None, weighting: str = "uniform",
-                 weighting_params: dict | None = None, device: str = "cpu") -> None:
+                 weighting_params: dict | None = None, device: str | None = None) -> None:
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes, seed=seed,
                          fraction_evaluate=fraction_evaluate)
@@ -299,7 +300,7 @@ class FedFTG(FedAvg):
                             ("ft_steps", ft_steps)):
             if value < 0:
                 raise ScenarioError(f"strategy.params.{name}", value, "an integer >= 0")
-        if device not in ("cpu", "cuda"):
+        if device is not None and device not in ("cpu", "cuda"):
             raise ScenarioError("strategy.params.device", device, "cpu or cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise ScenarioError("strategy.params.device", device,
@@ -314,7 +315,8 @@ class FedFTG(FedAvg):
         self.label_weighting = pick("label_weighting", label_weighting)
         self.weighting, self.weighting_params = weighting, weighting_params
         self.weigh: Weighting = make_weighting(weighting, weighting_params)
-        self.device = torch.device(device)
+        self.device = torch.device(device or "cpu")
+        self.device_asked = device
         self.pool: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._generator: Generator | None = None
         self._gen_opt: torch.optim.Optimizer | None = None
@@ -329,6 +331,8 @@ class FedFTG(FedAvg):
             raise ScenarioError("data.val_fraction", world.scenario.data.val_fraction,
                                 "a fraction > 0: rollback compares on the server validation "
                                 "split (or set strategy.params.rollback: false)")
+        if self.device_asked is None:
+            self.device = world.server_device
         super().bind(world)
 
     # ------------------------------------------------------------------ generator

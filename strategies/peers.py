@@ -128,7 +128,8 @@ class GraphPeers:
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        """The peers' mean and minimum accuracy, plus ``acc-worst10`` and ``consensus``."""
+        """The peers' mean and minimum accuracy, plus ``acc-worst10``, ``consensus`` and, with
+        local test splits, ``local-acc-min``."""
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         evals = [r.content.metric_records["metrics"] for r in replies if not r.has_error()]
@@ -138,6 +139,9 @@ class GraphPeers:
         preds = np.asarray([list(m["test-pred"]) for m in evals  # type: ignore[arg-type]
                             if "test-pred" in m], dtype=np.int64)
         extra = {"acc-worst10": local_summary(accs)["local-acc-worst10"]}
+        local = [float(m["local-acc"]) for m in evals if "local-acc" in m]  # type: ignore[arg-type]
+        if local:
+            extra["local-acc-min"] = min(local)
         if len(preds):
             world = getattr(self, "world", None)
             classes = world.data.num_classes if world is not None else int(preds.max()) + 1

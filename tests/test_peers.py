@@ -130,7 +130,8 @@ def _cli(tmp: Path, *overrides: str) -> Path:
 
 def test_peer_kd_cli_writes_bytes_per_edge(tmp_path: Path) -> None:
     run = _cli(tmp_path, "strategy.name=peer_kd", "clients.num=6",
-               "strategy.params.public_size=40", "strategy.params.topology.name=ring")
+               "strategy.params.public_size=40", "strategy.params.topology.name=ring",
+               "data.local_test_fraction=0.2")
     edges = pq.read_table(run / "edges.parquet").to_pylist()
     # a ring of 6: 12 directed edges a round; each carries its sender's 40 x 10 float32
     # logits (1,600 bytes) and the .npy header (128 bytes)
@@ -145,6 +146,7 @@ def test_peer_kd_cli_writes_bytes_per_edge(tmp_path: Path) -> None:
     for m in metrics:
         assert 0.0 < m["consensus"] <= 1.0
         assert m["acc-min"] <= m["acc-worst10"] <= m["acc"]
+        assert m["local-acc-min"] <= m["local-acc-worst10"] <= m["local-acc"]
 
 
 def test_partial_participation_uses_edges_among_sampled_peers_only(tmp_path: Path) -> None:
