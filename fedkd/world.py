@@ -12,7 +12,8 @@ accuracy is measured (:func:`local_summary`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -27,6 +28,9 @@ from fedkd.data.partition import PARTITIONERS, class_counts, split_local_test
 from fedkd.ensemble import ModelSpace
 from fedkd.models import assign_archs, build_model
 from fedkd.scenario import Scenario, dump
+
+#: Per-client splits a process keeps gathered (least recently used dropped first).
+CLIENT_CACHE = 1024
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,9 @@ class World:
         return tuple(dict.fromkeys(s.arch for s in self.scenario.clients.models))
 
     def client_data(self, cid: int) -> TensorSplit:
-        """The private training data of client ``cid`` (gathered once per process)."""
-        cache = self.__dict__.setdefault("_client_data", {})
-        if cid not in cache:
-            cache[cid] = self.data.pool.subset(self.parts[cid])
-        return cache[cid]
+        """The private training data of client ``cid`` (gathered once per process, the
+        :data:`CLIENT_CACHE` most recently used kept)."""
+        return self._cached("_client_data", cid, lambda: self.data.pool.subset(self.parts[cid]))
 
     @cached_property
     def has_local_tests(self) -> bool:
@@ -83,11 +85,20 @@ class World:
 
     def local_test_data(self, cid: int) -> TensorSplit:
         """The local test split of client ``cid`` (empty without local tests)."""
-        cache = self.__dict__.setdefault("_local_test_data", {})
-        if cid not in cache:
-            idx = self.local_tests[cid] if self.local_tests else np.zeros(0, dtype=np.int64)
-            cache[cid] = self.data.pool.subset(idx)
-        return cache[cid]
+        return self._cached("_local_test_data", cid, lambda: self.data.pool.subset(
+            self.local_tests[cid] if self.local_tests else np.zeros(0, dtype=np.int64)))
+
+    def _cached(self, name: str, cid: int, gather: Callable[[], TensorSplit]) -> TensorSplit:
+        """A per-client split from a bounded LRU cache: a population of 100,000 clients
+        keeps at most :data:`CLIENT_CACHE` gathered splits, not one per client ever seen."""
+        cache: OrderedDict[int, TensorSplit] = self.__dict__.setdefault(name, OrderedDict())
+        if cid in cache:
+            cache.move_to_end(cid)
+            return cache[cid]
+        split = cache[cid] = gather()
+        if len(cache) > CLIENT_CACHE:
+            cache.popitem(last=False)
+        return split
 
     def model_params(self, arch: str) -> dict[str, Any]:
         """Builder keyword arguments of ``arch`` from the scenario."""

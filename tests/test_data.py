@@ -362,3 +362,19 @@ def test_cifar_download_moves_a_finished_folder_into_place(
     ds = DATASETS.get("cifar10")(str(tmp_path), True, 0)
     assert len(ds.train) == 20
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-batches-py"]
+
+
+def test_client_data_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedkd.world as world_mod
+    from fedkd.compose import load_scenario
+    from fedkd.world import build_world
+
+    monkeypatch.setattr(world_mod, "CLIENT_CACHE", 2)
+    root = Path(__file__).resolve().parents[1]
+    world = build_world(load_scenario(root / "scenarios" / "quickstart.yaml"))
+    first = world.client_data(0)
+    world.client_data(1)
+    assert world.client_data(0) is first  # a hit, now the most recent
+    world.client_data(2)  # evicts client 1, the least recently used
+    assert list(world.__dict__["_client_data"]) == [0, 2]
+    assert torch.equal(world.client_data(1).y, world.data.pool.subset(world.parts[1]).y)
