@@ -129,9 +129,10 @@ evidence-comm: $(STAMP)
 	$(call publish,deadline)
 
 # Decentralized peers on graphs: peer_kd vs dpsgd on ring, small-world, complete and random
-# matching, 20 peers all active, 3 seeds (non-IID Fashion-MNIST scaled to 2 cores: 6,000
-# images, mlp, 30 rounds); accuracy and consensus vs rounds and vs MB over the graph's edges
-# (README "Results"). About 15 minutes on 2 cores.
+# matching, 20 peers all active, 3 seeds, and training alone (`local`) as the floor
+# (non-IID Fashion-MNIST scaled to 2 cores: 6,000 images, mlp, 30 rounds); accuracy and
+# consensus vs rounds and vs MB over the graph's edges (README "Results"). About 10 minutes
+# on 2 cores.
 PEERS_SET := --set data.params.train_limit=6000 --set data.params.test_limit=2000 \
 	--set clients.models.0.arch=mlp --set clients.fraction=1.0 \
 	--set engine.name=inline --set engine.threads=1 --set server.threads=1 \
@@ -142,6 +143,8 @@ evidence-peers: $(STAMP)
 	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(PEERS_SET) \
 		--grid strategy.name=peer_kd,dpsgd --grid strategy.params.topology.name=$(TOPOLOGIES) \
 		--out runs/evidence/peers
+	$(BIN)/fedkd sweep scenarios/noniid_fashion.yaml $(PEERS_SET) --grid strategy.name=local \
+		--out runs/evidence/peers/alone
 	$(BIN)/fedkd report runs/evidence/peers \
 		--baseline strategy.name=dpsgd,strategy.params.topology.name=complete
 	$(call publish,peers)

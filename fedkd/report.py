@@ -951,12 +951,23 @@ def peers_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_labels(configs: list[str]) -> dict[str, str]:
+    """Legend labels: when every configuration is a sweep grid point over the same keys
+    (``key=value,key=value``), its values only (``"dpsgd, ring"``); else the label itself."""
+    points = [dict(p.split("=", 1) for p in c.split(",")) if all(
+        "=" in p for p in c.split(",")) else None for c in configs]
+    if not points or any(p is None for p in points) or len({tuple(p) for p in points}) != 1:
+        return {c: c for c in configs}
+    return {c: ", ".join(p.values()) for c, p in zip(configs, points, strict=True)}
+
+
 def peers_figure(runs: list[Run]) -> Figure | None:
     """Accuracy and consensus vs round (top) and vs MB over the graph's edges (bottom).
 
     One line per configuration with consensus data: the mean over seeds per round with a ±std
     band (`_round_curve`); rounds without a value (not evaluated) are skipped. On the bottom
-    row x is the per-round mean over seeds of ``edge_bytes_cum`` in MB.
+    row x is the per-round mean over seeds of ``edge_bytes_cum`` in MB, on a log scale
+    (topologies and strategies differ by orders of magnitude in bytes).
 
     Parameters
     ----------
@@ -972,13 +983,14 @@ def peers_figure(runs: list[Run]) -> Figure | None:
     if not with_peers:
         return None
     configs = sorted({r.config for r in with_peers})
+    names = short_labels(configs)
     fig = Figure(figsize=(11, 7))
     FigureCanvasAgg(fig)
     axes = [[fig.add_subplot(2, 2, 2 * i + j + 1) for j in range(2)] for i in range(2)]
     for c, colour in zip(configs, _colours(len(configs)), strict=True):
         group = [r for r in with_peers if r.config == c]
         for j, (key, _) in enumerate(PEER_PANELS):
-            label = c if j == 0 else f"_{c}"
+            label = names[c] if j == 0 else f"_{c}"
             x, mean, sd = _round_curve(group, key)
             if x.size:
                 _band(axes[0][j], x, mean, sd, label, color=colour)
@@ -992,6 +1004,7 @@ def peers_figure(runs: list[Run]) -> Figure | None:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         integer_ticks(axes[0][j].xaxis)
+        axes[1][j].set_xscale("log")
     _side_legend(fig, axes[0][0])
     return fig
 

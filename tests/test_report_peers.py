@@ -112,7 +112,8 @@ def test_peers_figure_curves(tmp_path: Path) -> None:
     assert acc_mb.get_lines()[1].get_xdata().tolist() == pytest.approx([0.5, 1.0, 1.5])
     assert complete.get_color() == acc_mb.get_lines()[0].get_color()
     legend = fig.legends[0]
-    assert [t.get_text() for t in legend.get_texts()] == ["topology=complete", "topology=ring"]
+    assert [t.get_text() for t in legend.get_texts()] == ["complete", "ring"]
+    assert acc_mb.get_xscale() == "log"
 
 
 def test_report_writes_peers_section(tmp_path: Path) -> None:
@@ -141,3 +142,12 @@ def test_no_consensus_no_peers_section(tmp_path: Path) -> None:
     _, out, text = report([sweep])
     assert not (out / "peers.md").exists() and not (out / "peers.png").exists()
     assert "Peers on graphs" not in text
+
+
+def test_short_labels_keep_values_of_shared_keys() -> None:
+    from fedkd.report import short_labels
+
+    assert short_labels(["name=dpsgd,topology=ring", "name=peer_kd,topology=ring"]) == {
+        "name=dpsgd,topology=ring": "dpsgd, ring", "name=peer_kd,topology=ring": "peer_kd, ring"}
+    mixed = ["name=dpsgd,topology=ring", "noniid/local"]
+    assert short_labels(mixed) == {c: c for c in mixed}
