@@ -101,7 +101,8 @@ def _checkpoint_round(run: Path) -> int:
 # FedGen (server generator and optimizer) in the default run; the others in the slow set
 STRATEGIES = ["fedgen", pytest.param("fedmd", marks=pytest.mark.slow),
               pytest.param("fedavg", marks=pytest.mark.slow),
-              pytest.param("feddf", marks=pytest.mark.slow)]
+              pytest.param("feddf", marks=pytest.mark.slow),
+              pytest.param("peer_kd", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -119,7 +120,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, strateg
     assert not summary.exists() or json.loads(summary.read_text())["rounds"] < 4
     resumed = _simulate(tmp_path / "killed", strategy, "--resume", str(tmp_path / "killed"))
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:] if resumed.stderr else ""
-    for name in ("metrics.parquet", "clients.parquet", "teachers.parquet"):
+    for name in ("metrics.parquet", "clients.parquet", "teachers.parquet", "edges.parquet"):
         assert _rows(tmp_path / "killed", name) == _rows(tmp_path / "whole", name), name
     assert json.loads(summary.read_text())["status"] == "completed"
 
