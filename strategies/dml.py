@@ -147,16 +147,38 @@ def leave_one_out(logits: torch.Tensor, weighting: Weighting, ctx: TeacherContex
             continue
         student = None if ctx.cids is None else int(ctx.cids[k])
         sub = replace(ctx.select(keep), student=student, student_logits=logits[k])
-        if per_client(weighting) and student is not None:
-            weighting.update(logits[keep], sub)  # type: ignore[attr-defined]
-        w = weighting(logits[keep], sub, labels)
+        target, w = peer_target(logits[keep], weighting, sub, labels, ensemble, temperature)
         if weights_out is not None:
             weights_out.append((keep, w))
-        targets.append(sharpen_targets(weighting, weighted_probs(logits[keep], w, temperature)
-                                       if ensemble == "probs"
-                                       else weighted_logits(logits[keep], w), ensemble))
+        targets.append(target)
         mean_w[k, keep] = w.to(torch.float64).mean(dim=0)
     return targets, mean_w
+
+
+def peer_target(teacher_logits: torch.Tensor, weighting: Weighting, ctx: TeacherContext,
+                labels: torch.Tensor | None = None, ensemble: str = "probs",
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One student's target: the weighted ensemble of its teachers (:func:`leave_one_out`).
+
+    Parameters
+    ----------
+    teacher_logits : torch.Tensor
+        ``(K, N, C)`` logits of the student's K teachers on its N samples.
+    weighting, ctx, labels, ensemble, temperature
+        As :func:`leave_one_out`; ``ctx`` describes the K teachers (and the student, whose
+        per-client weighting is updated first).
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        The ``(N, C)`` target and the ``(N, K)`` weights.
+    """
+    if per_client(weighting) and ctx.student is not None:
+        weighting.update(teacher_logits, ctx)  # type: ignore[attr-defined]
+    w = weighting(teacher_logits, ctx, labels)
+    target = (weighted_probs(teacher_logits, w, temperature) if ensemble == "probs"
+              else weighted_logits(teacher_logits, w))
+    return sharpen_targets(weighting, target, ensemble), w
 
 
 def teacher_rows(nodes: Sequence[NodeInfo], mean_w: torch.Tensor,

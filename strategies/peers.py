@@ -7,7 +7,8 @@ still travel through the Flower grid, the server acting as a relay that forwards
 edges, so the engine, the codecs and the byte ledger are those of every other strategy; what a
 decentralized deployment would pay is logged per edge (:attr:`GraphPeers.edge_log`, the
 ``round, src, dst`` of every edge a payload crossed; the recorder writes ``edges.parquet``
-with the sender's encoded upload as each edge's bytes).
+with the sender's encoded upload as each edge's bytes, unless the strategy sized the edge
+itself in :attr:`GraphPeers.edge_sizes`).
 
 Records (Lian et al., NeurIPS 2017, measure consensus and the mixing matrix's spectral gap;
 Koloskova et al., ICML 2020, the gap as the graph's connectivity):
@@ -79,6 +80,7 @@ class GraphPeers:
         self.topology_spec = dict(topology) if topology is not None else None
         self.topology = None
         self.edge_log = {}
+        self.edge_sizes: dict[int, dict[tuple[int, int], int]] = {}
         self.graph_metrics: dict[int, dict[str, float]] = {}
         self._gap: dict[int, float] = {}
 

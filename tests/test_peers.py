@@ -85,9 +85,9 @@ def test_peer_kd_on_a_ring_distils_from_its_two_neighbours_only() -> None:
     assert [r["weight"] for r in rows] == [pytest.approx(0.5)] * 4
 
 
-def test_peer_kd_rejects_generated_shared_data() -> None:
+def test_peer_kd_rejects_an_unknown_shared_data() -> None:
     with pytest.raises(ScenarioError, match=r"strategy\.params\.shared_data"):
-        get_strategy("peer_kd")(shared_data="generated")
+        get_strategy("peer_kd")(shared_data="synthetic")
 
 
 def test_dpsgd_rejects_heterogeneous_models() -> None:
@@ -159,3 +159,124 @@ def test_partial_participation_uses_edges_among_sampled_peers_only(tmp_path: Pat
         assert len(active) == 4
         pairs = {(e["src"], e["dst"]) for e in edges if e["round"] == rnd}
         assert pairs == {(s, d) for s in active for d in active if s != d}
+
+
+def test_the_up_codec_encodes_what_crosses_each_edge(tmp_path: Path) -> None:
+    run = _cli(tmp_path, "strategy.name=peer_kd", "clients.num=4",
+               "strategy.params.public_size=40", "strategy.params.topology.name=ring",
+               "comm.up.codec=fp16", "rounds=1")
+    edges = pq.read_table(run / "edges.parquet").to_pylist()
+    up = {c["client"]: c["bytes_up"] for c in pq.read_table(run / "clients.parquet").to_pylist()}
+    assert len(edges) == 8
+    assert all(e["bytes"] == up[e["src"]] for e in edges)
+    # 40 x 10 float16 logits (800 bytes) and the .npy header, not float32's 1,728 bytes
+    assert {e["bytes"] for e in edges} == {40 * 10 * 2 + 128}
+
+
+# ----------------------------------------------------------------------------- generated batches
+class GeneratedGrid:
+    """Peers of a ``generated`` round: peer ``c`` draws ``x = c + 0.1 * arange`` (N = 2,
+    one-pixel images) and labels any input ``x`` with ``TOY[c, 0] + x``."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        self.sent: list[Any] = []
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        from flwr.app import Array, ArrayRecord, Message
+
+        from strategies.peer_kd import GENERATE_TYPE
+
+        out = []
+        for m in list(messages):
+            self.sent.append(m)
+            c = self.strategy.node(m.metadata.dst_node_id).cid
+            if m.metadata.message_type == GENERATE_TYPE:
+                x = (c + 0.1 * torch.arange(2.0)).reshape(2, 1, 1, 1)
+                content = RecordDict({
+                    "inputs": ArrayRecord({"x": Array(x.numpy()),
+                                           "y": Array(np.array([0, 1]))}),
+                    "logits": logits_record(TOY[c]),
+                    "metrics": MetricRecord({"train-loss": 1.0, "num-examples": 10})})
+            else:
+                x = torch.from_numpy(m.content.array_records["inputs"]["x"].numpy())
+                content = RecordDict({"logits": logits_record(
+                    TOY[c, 0] + x.reshape(-1, 1))})
+            out.append(Message(content, reply_to=m))
+        return out
+
+
+def test_generated_targets_are_the_neighbours_labels_of_each_peers_own_batch() -> None:
+    strategy = get_strategy("peer_kd")(seed=1, public_size=2, shared_data="generated",
+                                       topology={"name": "ring"})
+    strategy.topology = make_topology({"name": "ring"}, 4, seed=0)
+    strategy.nodes = [NodeInfo(node_id=50 + cid, cid=cid, arch="mlp", num_examples=10,
+                               label_counts=(1, 1, 1)) for cid in range(4)]
+    grid = GeneratedGrid(strategy)
+    msgs = list(strategy.configure_train(2, None, ConfigRecord({"lr": 0.1}), grid))
+    for d, m in enumerate(msgs):
+        x = d + 0.1 * torch.arange(2.0)
+        expected = sum(torch.softmax(TOY[s, 0] + x.reshape(-1, 1), dim=1)
+                       for s in ((d - 1) % 4, (d + 1) % 4)) / 2
+        torch.testing.assert_close(record_logits(m.content.array_records["peers"]), expected)
+        assert m.content.config_records["config"]["shared-data"] == "generated"
+    # each label query carries the two neighbours' batches of 2 one-pixel images
+    labels = [m for m in grid.sent if m.metadata.message_type.endswith("peer_kd_label")]
+    assert [m.content.array_records["inputs"]["x"].numpy().shape for m in labels] == [
+        (4, 1, 1, 1)] * 4
+    # an edge s -> d: s's batch (2 float32 pixels + .npy header) and s's 2 x 3 logits on d's
+    assert set(strategy.edge_sizes[2].values()) == {(2 * 4 + 128) + (2 * 3 * 4 + 128)}
+    assert sorted(strategy.edge_sizes[2]) == strategy.edge_log[2]
+    assert [r["weight"] for r in strategy.teacher_log.rows[2]] == [pytest.approx(0.5)] * 4
+
+
+def test_synthesise_is_seeded_bounded_and_keeps_its_generator(tmp_path: Path) -> None:
+    from fedkd.client import ClientEnv, train_config_record
+    from fedkd.state import StateStore
+    from strategies.peer_kd import GENERATOR_KEY, synthesise
+
+    world = build_world(load_scenario(QUICKSTART))
+    cfg = {**dict(train_config_record(world.scenario.clients.train, seed=0)),
+           "server-round": 1, "subset-size": 12, "gen-steps": 3, "gen-lr": 1e-3,
+           "noise-dim": 8, "gen-width": 4, "lambda-bn": 1.0, "lambda-div": 1.0}
+    batches = []
+    for name in ("a", "b"):
+        env = ClientEnv(cid=2, world=world, store=StateStore(tmp_path / name),
+                        config=ConfigRecord(cfg))
+        model = world.new_model("cnn_small", seed=0)
+        batches.append(synthesise(model, env))
+        assert env.store.load(2, GENERATOR_KEY) is not None
+        assert all(p.requires_grad for p in model.parameters())
+    (x, y), (x2, y2) = batches
+    assert x.shape == (12, 1, 8, 8) and y.shape == (12,)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    pool = world.data.pool.x
+    assert x.min() >= pool.min() - 1e-6 and x.max() <= pool.max() + 1e-6
+
+
+def test_generated_needs_image_data(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART), "--out", str(out),
+         "--no-progress", "--set", "strategy.name=peer_kd", "--set", "data.name=synthetic",
+         "--set", "strategy.params.shared_data=generated", "--set", "engine.name=inline"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "fedkd: error: strategy.params.shared_data: got 'generated'; allowed: public")
+    assert "Traceback" not in proc.stderr
+
+
+def test_generated_cli_run_sizes_every_edge(tmp_path: Path) -> None:
+    run = _cli(tmp_path, "strategy.name=peer_kd", "clients.num=4", "rounds=1",
+               "strategy.params.shared_data=generated", "strategy.params.public_size=16",
+               "strategy.params.gen_steps=2", "strategy.params.topology.name=ring",
+               "clients.models=[{arch: cnn_small}]")
+    edges = pq.read_table(run / "edges.parquet").to_pylist()
+    # 16 generated 1 x 8 x 8 images out, the sender's 16 x 10 logits on the other's batch back
+    assert len(edges) == 8
+    assert {e["bytes"] for e in edges} == {(16 * 64 * 4 + 128) + (16 * 10 * 4 + 128)}
+    teachers = pq.read_table(run / "teachers.parquet").to_pylist()
+    assert {t["source"] for t in teachers} == {"generated"}
+    (metrics,) = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert 0.0 <= metrics["teach_ens_acc"] <= 1.0 and metrics["kl_loss"] > 0

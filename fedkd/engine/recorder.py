@@ -55,7 +55,8 @@ class RunRecorder:
         ``teacher_log`` (:class:`fedkd.diagnostics.TeacherLog`): per-teacher rows for
         ``teachers.parquet`` and the round's teacher diagnostics for ``metrics.parquet``, and
         ``edge_log`` (peers on a graph, :mod:`strategies.peers`): the ``(src, dst)`` partition
-        ids of every edge a peer's upload crossed in a round, for ``edges.parquet``.
+        ids of every edge a peer's upload crossed in a round, for ``edges.parquet`` (its
+        bytes: the sender's upload, or the strategy's ``edge_sizes`` where it sized them).
     metrics_port : int, optional
         Serve Prometheus metrics on ``127.0.0.1:<port>``.
     progress : bool
@@ -158,7 +159,9 @@ class RunRecorder:
         if edges is None:
             return {}
         sent = {self._cid(nid): t.up for nid, t in res.traffic.items()}
-        rows = [{"round": res.round, "src": src, "dst": dst, "bytes": int(sent.get(src, 0))}
+        sizes = getattr(self.strategy, "edge_sizes", {}).get(res.round, {})
+        rows = [{"round": res.round, "src": src, "dst": dst,
+                 "bytes": int(sizes.get((src, dst), sent.get(src, 0)))}
                 for src, dst in edges.get(res.round, [])]
         if rows:
             self.edges.extend(rows)
