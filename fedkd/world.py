@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.data.base import TensorSplit
+from fedkd.data.base import Parts, TensorSplit
 from fedkd.data.bundle import DataBundle, build_bundle
 from fedkd.data.datasets import DATASETS
 from fedkd.data.partition import PARTITIONERS, class_counts, split_local_test
@@ -43,20 +43,21 @@ class World:
         The resolved scenario.
     data : DataBundle
         Client pool, test, validation and public splits.
-    parts : tuple[np.ndarray, ...]
-        Indices into ``data.pool`` of each client's training data.
+    parts : Parts
+        Indices into ``data.pool`` of each client's training data (one flat array and
+        offsets for the whole population; ``parts[c]`` is client ``c``'s).
     archs : tuple[str, ...]
         Model architecture per client.
-    local_tests : tuple[np.ndarray, ...]
+    local_tests : Parts
         Indices into ``data.pool`` of each client's local test split (never trained on);
-        empty when ``data.local_test_fraction`` is 0.
+        every one empty when ``data.local_test_fraction`` is 0.
     """
 
     scenario: Scenario
     data: DataBundle
-    parts: tuple[np.ndarray, ...]
+    parts: Parts
     archs: tuple[str, ...]
-    local_tests: tuple[np.ndarray, ...] = ()
+    local_tests: Parts
 
     @property
     def num_clients(self) -> int:
@@ -81,12 +82,12 @@ class World:
     @cached_property
     def has_local_tests(self) -> bool:
         """Whether clients hold local test splits (``data.local_test_fraction > 0``)."""
-        return any(len(t) for t in self.local_tests)
+        return bool(self.local_tests.flat.size)
 
     def local_test_data(self, cid: int) -> TensorSplit:
         """The local test split of client ``cid`` (empty without local tests)."""
-        return self._cached("_local_test_data", cid, lambda: self.data.pool.subset(
-            self.local_tests[cid] if self.local_tests else np.zeros(0, dtype=np.int64)))
+        return self._cached("_local_test_data", cid,
+                            lambda: self.data.pool.subset(self.local_tests[cid]))
 
     def _cached(self, name: str, cid: int, gather: Callable[[], TensorSplit]) -> TensorSplit:
         """A per-client split from a bounded LRU cache: a population of 100,000 clients
@@ -160,8 +161,8 @@ def build_world(scn: Scenario) -> World:
     parts, tests = split_local_test(labels, parts, scn.data.local_test_fraction, scn.seed)
     specs = [(m.arch, m.fraction) for m in scn.clients.models]
     archs = assign_archs(specs, scn.clients.num, scn.seed)
-    return World(scenario=scn, data=data, parts=tuple(parts), archs=tuple(archs),
-                 local_tests=tuple(tests))
+    return World(scenario=scn, data=data, parts=Parts.of(parts), archs=tuple(archs),
+                 local_tests=Parts.of(tests))
 
 
 #: Share of the clients whose mean accuracy is ``local-acc-worst10``.
