@@ -119,7 +119,9 @@ def build_strategy(scn: Scenario, world: World | None = None) -> Any:
         strategy.bind(world)
     budget = scn.comm.budget
     if budget.round_mb is not None or budget.total_mb is not None:
-        strategy = Budgeted(strategy, budget.round_mb, budget.total_mb, budget.policy, scn.seed)
+        # peers on a graph (an ``edge_log``) are budgeted over the graph's edges
+        strategy = Budgeted(strategy, budget.round_mb, budget.total_mb, budget.policy, scn.seed,
+                            on_edges=hasattr(strategy, "edge_log"))
     return strategy
 
 

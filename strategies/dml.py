@@ -266,6 +266,10 @@ class DML(PublicSubset, Local):
                              "peer-ensemble": self.peer_ensemble,
                              "weighting-split": int(uses_labels(self.weigh))})
 
+    def plan_round(self, server_round: int, nodes: Sequence[NodeInfo], grid: Grid) -> None:
+        """Called with the sampled peers before the round's first message (peers on a graph
+        fix the round's graph here, :mod:`strategies.peers`); nothing for DML."""
+
     def teachers(self, server_round: int, peers: Sequence[NodeInfo]) -> torch.Tensor | None:
         """``(K, K)`` mask of who teaches whom among the replying peers (None: every other
         peer, DML's cohort)."""
@@ -277,6 +281,7 @@ class DML(PublicSubset, Local):
         if self.fraction_train == 0.0:
             return []
         nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self.plan_round(server_round, nodes, grid)
         cfg = self.round_config(server_round, config)
         replies = query_logits(grid, nodes, cfg, self.query_type, server_round)
         if not replies:

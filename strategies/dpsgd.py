@@ -38,11 +38,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedkd.client import ClientEnv, client_fn, train_and_reply
-from fedkd.comm import arrayrecord_to_state_dict
+from fedkd.comm import array_bytes, arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.errors import ScenarioError
 from fedkd.world import World
 from strategies import STRATEGIES
-from strategies.fedavg import weighted_average
+from strategies.fedavg import NodeInfo, weighted_average
 from strategies.fedmd import query_logits
 from strategies.local import Local
 from strategies.peers import GraphPeers
@@ -66,6 +66,7 @@ class DPSGD(GraphPeers, Local):
     """
 
     train_type = TRAIN_TYPE
+    query_type = QUERY_TYPE
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0,
@@ -73,6 +74,7 @@ class DPSGD(GraphPeers, Local):
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes, seed=seed)
         self.init_graph(topology)
+        self._model_bytes: int | None = None
 
     def bind(self, world: World) -> None:
         """Bind the world; gossip averaging needs one architecture."""
@@ -82,6 +84,14 @@ class DPSGD(GraphPeers, Local):
                                 "heterogeneous models)")
         super().bind(world)
         self.bind_graph(world)
+
+    def payload_prior(self, node: NodeInfo) -> int:
+        """The model's float32 weights (one architecture)."""
+        assert self.world is not None
+        if self._model_bytes is None:
+            model = self.world.new_model(node.arch, seed=0)
+            self._model_bytes = array_bytes(state_dict_to_arrayrecord(model.state_dict()))
+        return self._model_bytes
 
     def client_config(self, server_round: int) -> dict[str, Any]:
         """Every peer starts from the group's global initial model."""
@@ -97,6 +107,7 @@ class DPSGD(GraphPeers, Local):
         if self.fraction_train == 0.0:
             return []
         nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self.plan_round(server_round, nodes, grid)
         cfg = ConfigRecord({**dict(config), "server-round": server_round,
                             **self.client_config(server_round)})
         replies = query_logits(grid, nodes, cfg, QUERY_TYPE, server_round)
@@ -104,8 +115,7 @@ class DPSGD(GraphPeers, Local):
             return []
         peers = [self.node(r.metadata.src_node_id) for r in replies]
         self.neighbourhoods(server_round, peers)  # logs the round's edges
-        assert self.topology is not None
-        w = metropolis_weights(self.topology.graph(server_round), [p.cid for p in peers])
+        w = metropolis_weights(self.round_graph(server_round), [p.cid for p in peers])
         records = [r.content.array_records["arrays"] for r in replies]
         out = []
         for i, (node, reply) in enumerate(zip(peers, replies, strict=True)):

@@ -50,6 +50,7 @@ the peers' consensus (:mod:`strategies.peers`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -90,13 +91,24 @@ from strategies.fedmd import (
 )
 from strategies.local import Local, check_int
 from strategies.peers import GraphPeers
-from strategies.weighting import check_supported, check_weighting_split, weighting_split
+from strategies.weighting import (
+    check_supported,
+    check_weighting_split,
+    uses_labels,
+    weighting_split,
+)
 
 QUERY_TYPE = f"{MessageType.QUERY}.peer_kd_local"
 GENERATE_TYPE = f"{MessageType.QUERY}.peer_kd_generate"
 LABEL_TYPE = f"{MessageType.QUERY}.peer_kd_label"
 TRAIN_TYPE = f"{MessageType.TRAIN}.peer_kd"
 SHARED_DATA = ("public", "generated")
+
+
+@functools.lru_cache(maxsize=64)
+def npy_bytes(shape: tuple[int, ...]) -> int:
+    """Serialized size of a float32 array of ``shape`` in a Flower message."""
+    return array_bytes(ArrayRecord({"a": Array(np.zeros(shape, dtype=np.float32))}))
 
 
 #: State-store keys of a peer's generator and of its generated batch of the round.
@@ -225,6 +237,7 @@ class PeerKD(GraphPeers, DML):
         if self.fraction_train == 0.0:
             return []
         nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self.plan_round(server_round, nodes, grid)
         cfg = self.round_config(server_round, config)
         made = query_logits(grid, nodes, cfg, GENERATE_TYPE, server_round)
         if not made:
@@ -275,6 +288,26 @@ class PeerKD(GraphPeers, DML):
                     "source": "generated"} for c, ws in sorted(weights.items())]
         self.teacher_log.add(server_round, Diagnosis(mean_summary(list(parts)) if parts
                                                      else {}, teacher))
+
+    def edge_price(self, node: NodeInfo, grid: Grid) -> int:
+        """``generated``: the float32 batch and logits (:meth:`payload_prior`); ``public``:
+        the peer's last encoded upload of logits."""
+        if self.shared_data == "generated":
+            return self.payload_prior(node)
+        return GraphPeers.edge_price(self, node, grid)
+
+    def payload_prior(self, node: NodeInfo) -> int:
+        """Float32 logits on the shared batch (and, ``generated``, the batch itself; with a
+        label-using weighting, the logits on the weighting split the upload also carries)."""
+        assert self.world is not None
+        data, classes = self.world.data, self.world.data.num_classes
+        n = (self.public_size if self.shared_data == "generated" or data.public is None
+             else min(self.public_size, len(data.public)))
+        size = npy_bytes((n, classes))
+        if self.shared_data == "generated":
+            size += npy_bytes((n, *data.input_shape))
+        split = weighting_split(data)[0] if uses_labels(self.weigh) else None
+        return size + (npy_bytes((len(split), classes)) if split is not None else 0)
 
     def peer_message(self, node: NodeInfo, target: torch.Tensor | None, cfg: ConfigRecord,
                      server_round: int, reply: Message | None = None) -> Message:

@@ -18,16 +18,25 @@ Koloskova et al., ICML 2020, the gap as the graph's connectivity):
 - after each evaluation, next to the peers' mean and minimum test accuracy: ``acc-worst10``
   (mean of the worst 10 % of peers) and ``consensus``: the mean pairwise disagreement of the
   peers' test-set predictions (:func:`disagreement`; 0 when every peer predicts alike).
+
+Budgets (``comm.budget``) count the bytes over the edges, not the relay's messages: before a
+round's first message, :meth:`GraphPeers.plan_round` prices every link between sampled
+neighbours (both directions: each sender's last encoded upload of the round's query, or
+before any its float32 size, :meth:`GraphPeers.payload_prior`) and asks
+:class:`fedkd.budget.Budgeted` which links fit; a dropped link is absent from the round's
+graph (``sample_fewer``), or the run ends cleanly (``stop``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 
 from fedkd.world import World, local_summary
 from strategies.fedavg import NodeInfo
@@ -74,6 +83,10 @@ class GraphPeers:
 
     topology: Topology | None
     edge_log: dict[int, list[tuple[int, int]]]
+    #: Set by :class:`fedkd.budget.Budgeted`: ``(round, prices) -> kept`` indices of links.
+    edge_budget: Callable[[int, list[int]], list[int]] | None = None
+    #: The message type whose replies cross the edges (their sizes price a link).
+    query_type: str = ""
 
     def init_graph(self, topology: Mapping[str, Any] | None) -> None:
         """Keep the scenario's topology block (built at bind, when the peers are known)."""
@@ -83,23 +96,57 @@ class GraphPeers:
         self.edge_sizes: dict[int, dict[tuple[int, int], int]] = {}
         self.graph_metrics: dict[int, dict[str, float]] = {}
         self._gap: dict[int, float] = {}
+        self._planned: tuple[int, nx.Graph] | None = None
 
     def bind_graph(self, world: World) -> None:
         """Build the topology over the world's clients, seeded by the scenario."""
         self.topology = make_topology(self.topology_spec, world.num_clients,
                                       world.scenario.seed)
 
+    def plan_round(self, server_round: int, nodes: Sequence[NodeInfo], grid: Grid) -> None:
+        """Fix the round's graph before its first message: the topology's, less the links
+        between ``nodes`` a budget drops (:class:`fedkd.budget.Budgeted`)."""
+        assert self.topology is not None, "bind(world) first"
+        graph = self.topology.graph(server_round)
+        if self.edge_budget is not None:
+            nbrs = neighbours(graph, [n.cid for n in nodes])
+            links = sorted({(min(a, b), max(a, b)) for a in nbrs for b in nbrs[a]})
+            price = {n.cid: self.edge_price(n, grid) for n in nodes}
+            keep = set(self.edge_budget(server_round, [price[a] + price[b] for a, b in links]))
+            dropped = [link for i, link in enumerate(links) if i not in keep]
+            if dropped:
+                graph = nx.Graph(graph)
+                graph.remove_edges_from(dropped)
+        self._planned = (server_round, graph)
+
+    def round_graph(self, server_round: int) -> nx.Graph:
+        """The round's graph (as planned, or the topology's)."""
+        assert self.topology is not None, "bind(world) first"
+        if self._planned is not None and self._planned[0] == server_round:
+            return self._planned[1]
+        return self.topology.graph(server_round)
+
+    def edge_price(self, node: NodeInfo, grid: Grid) -> int:
+        """Bytes ``node`` sends over each of its edges in a round: its largest encoded reply
+        to :attr:`query_type` so far, else :meth:`payload_prior`."""
+        seen = getattr(grid, "reply_sizes", {}).get((self.query_type, node.node_id))
+        return int(seen) if seen is not None else self.payload_prior(node)
+
+    def payload_prior(self, node: NodeInfo) -> int:
+        """Bytes of what ``node`` sends over an edge, before any was measured (float32)."""
+        raise NotImplementedError
+
     def neighbourhoods(self, server_round: int,
                        peers: Sequence[NodeInfo]) -> dict[int, list[int]]:
         """Each sampled peer's sampled neighbours (partition ids); logs the round's edges."""
         assert self.topology is not None, "bind(world) first"
-        graph = self.topology.graph(server_round)
+        graph = self.round_graph(server_round)
         nbrs = neighbours(graph, [p.cid for p in peers])
         self.edge_log[server_round] = sorted((src, dst) for dst, srcs in nbrs.items()
                                              for src in srcs)
         key = server_round if self.topology.time_varying else 0
         if key not in self._gap:
-            self._gap[key] = spectral_gap(metropolis_weights(graph))
+            self._gap[key] = spectral_gap(metropolis_weights(self.topology.graph(server_round)))
         self.graph_metrics[server_round] = {"spectral-gap": self._gap[key],
                                             "edges": len(self.edge_log[server_round])}
         return nbrs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,36 @@ def test_generated_cli_run_sizes_every_edge(tmp_path: Path) -> None:
     assert {t["source"] for t in teachers} == {"generated"}
     (metrics,) = pq.read_table(run / "metrics.parquet").to_pylist()
     assert 0.0 <= metrics["teach_ens_acc"] <= 1.0 and metrics["kl_loss"] > 0
+
+
+# ----------------------------------------------------------------------------- budgets on edges
+def test_a_total_budget_over_edges_stops_the_run_before_the_round_that_would_pass_it(
+        tmp_path: Path) -> None:
+    # a ring of 6: 6 links a round, each 2 x 1,728 bytes of logits -> 20,736 B a round;
+    # 50,000 B hold two rounds
+    run = _cli(tmp_path, "strategy.name=peer_kd", "clients.num=6", "rounds=4",
+               "strategy.params.public_size=40", "strategy.params.topology.name=ring",
+               "comm.budget.total_mb=0.05")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "budget_exhausted" and summary["rounds"] == 2
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [m["edge_bytes_cum"] for m in metrics] == [20_736, 41_472]
+    assert metrics[-1]["budget_left_mb"] == pytest.approx((50_000 - 41_472) / 1e6)
+
+
+def test_sample_fewer_keeps_the_links_that_fit_both_ways(tmp_path: Path) -> None:
+    # dpsgd on a complete graph of 5: 10 links of 2 x model bytes; a round cap of 3 links
+    world = build_world(load_scenario(QUICKSTART, [*TOY_RUN, "clients.num=5"]))
+    from fedkd.comm import array_bytes, state_dict_to_arrayrecord
+
+    model = array_bytes(state_dict_to_arrayrecord(world.new_model("mlp", 0).state_dict()))
+    cap = 3 * 2 * model + 10
+    run = _cli(tmp_path, "strategy.name=dpsgd", "clients.num=5",
+               f"comm.budget.round_mb={cap / 1e6}", "comm.budget.policy=sample_fewer")
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [m["budget_dropped"] for m in metrics] == [7.0, 7.0]
+    assert [m["edge_bytes"] for m in metrics] == [6 * model] * 2
+    edges = pq.read_table(run / "edges.parquet").to_pylist()
+    for rnd in (1, 2):
+        pairs = {(e["src"], e["dst"]) for e in edges if e["round"] == rnd}
+        assert len(pairs) == 6 and pairs == {(d, s) for s, d in pairs}  # symmetric
