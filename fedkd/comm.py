@@ -129,6 +129,31 @@ def state_dict_to_arrayrecord(sd: dict[str, torch.Tensor], prefix: str = "") -> 
     return record
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def as_numpy(arr: Array) -> np.ndarray:
+    """A read-only NumPy view of a serialized Array, without parsing its ``.npy`` header.
+
+    Flower's ``Array.numpy()`` runs ``np.load``, whose header parsing (``ast.literal_eval``)
+    costs more than the copy for the small arrays of a model; the Array already carries its
+    dtype and shape, so only the header's length is read. Anything but a C-order ``.npy``
+    payload falls back to ``Array.numpy()``.
+    """
+    data = arr.data
+    if arr.stype != "numpy.ndarray" or not data.startswith(_NPY_MAGIC):
+        return arr.numpy()
+    if data[6] == 1:
+        offset = 10 + int.from_bytes(data[8:10], "little")
+    elif data[6] in (2, 3):
+        offset = 12 + int.from_bytes(data[8:12], "little")
+    else:
+        return arr.numpy()
+    if b"'fortran_order': True" in data[:offset]:
+        return arr.numpy()
+    return np.frombuffer(data, dtype=np.dtype(arr.dtype), offset=offset).reshape(arr.shape)
+
+
 def arrayrecord_to_state_dict(rec: ArrayRecord, prefix: str = "") -> dict[str, torch.Tensor]:
     """Convert an ArrayRecord back to tensors.
 
@@ -146,7 +171,7 @@ def arrayrecord_to_state_dict(rec: ArrayRecord, prefix: str = "") -> dict[str, t
     """
     start = f"{prefix}." if prefix else ""
     return {
-        key[len(start) :]: torch.from_numpy(np.array(arr.numpy(), copy=True))
+        key[len(start) :]: torch.from_numpy(np.array(as_numpy(arr), copy=True))
         for key, arr in rec.items()
         if key.startswith(start)
     }

@@ -101,6 +101,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer,
     return FitResult(loss=total / max(examples, 1), steps=steps, examples=examples)
 
 
+def warm_up() -> None:
+    """Import what torch's first optimizer imports lazily (``torch._dynamo``, about 2 s on
+    this machine), so that an engine pays it while starting, not inside its first round."""
+    import torch._dynamo  # noqa: F401
+
+
 def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """The local optimizer: SGD with momentum and weight decay from the scenario."""
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,

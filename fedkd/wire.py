@@ -28,6 +28,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 from fedkd.codecs import Codec, Fp32, make_codec
+from fedkd.comm import as_numpy
 from fedkd.state import StateStore
 
 SEP = "::"
@@ -86,7 +87,7 @@ class Wire:
                 if not _is_float(arr):
                     arrays[key] = arr
                     continue
-                x = arr.numpy().astype(np.float32, copy=False)
+                x = as_numpy(arr).astype(np.float32, copy=False)
                 slot = f"{name}/{key}"
                 if residuals is not None and slot in residuals:
                     x = x + residuals[slot]
@@ -114,7 +115,7 @@ class Wire:
             for key, arr in record.items():
                 if SEP in key:
                     base, part = key.split(SEP, 1)
-                    parts.setdefault(base, {})[part] = arr.numpy()
+                    parts.setdefault(base, {})[part] = as_numpy(arr)
                     arrays.setdefault(base, arr)  # keeps the key order
                 else:
                     arrays[key] = arr
@@ -132,7 +133,7 @@ def _ref(refs: Refs | None, name: str, key: str, x: np.ndarray) -> np.ndarray | 
 
 def float_refs(content: RecordDict) -> Refs:
     """The float arrays of a (decoded) content, as refs for encoding its reply."""
-    return {(name, key): arr.numpy() for name, record in content.array_records.items()
+    return {(name, key): as_numpy(arr) for name, record in content.array_records.items()
             for key, arr in record.items() if _is_float(arr)}
 
 

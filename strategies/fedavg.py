@@ -37,7 +37,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedkd.comm import join_groups, split_groups, state_dict_to_arrayrecord
+from fedkd.comm import as_numpy, join_groups, split_groups, state_dict_to_arrayrecord
 from fedkd.diagnostics import TeacherLog
 from fedkd.world import World
 from strategies import STRATEGIES
@@ -76,10 +76,10 @@ def weighted_average(records: Sequence[ArrayRecord], weights: Sequence[float]) -
     w = w / w.sum()
     out: dict[str, Array] = {}
     for key in records[0]:
-        first = records[0][key].numpy()
+        first = as_numpy(records[0][key])
         acc = np.zeros(first.shape, dtype=np.float64)
         for rec, wi in zip(records, w, strict=True):
-            acc += wi * rec[key].numpy()
+            acc += wi * as_numpy(rec[key])
         if np.issubdtype(first.dtype, np.integer):
             acc = np.rint(acc)
         out[key] = Array(np.asarray(acc, dtype=first.dtype))

@@ -120,3 +120,18 @@ def test_prefixes() -> None:
     assert list(g_back) == ["w"] and torch.equal(g_back["w"], gen["w"])
     assert arrayrecord_to_state_dict(rec, prefix="stud") == {}
     assert sorted(arrayrecord_to_state_dict(rec)) == ["gen.w", "student.b", "student.w"]
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5, dtype=np.int64),
+    np.array([True, False]), np.array(2.5, dtype=np.float64), np.zeros((0, 3), np.float32),
+    np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3))])
+def test_as_numpy_equals_flowers_decoding(value: np.ndarray) -> None:
+    from flwr.app import Array
+
+    from fedkd.comm import as_numpy
+
+    arr = Array(value)
+    fast, slow = as_numpy(arr), arr.numpy()
+    assert fast.dtype == slow.dtype and fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)

@@ -33,6 +33,7 @@ from fedkd.engine.inline import (
 )
 from fedkd.errors import ScenarioError
 from fedkd.faults import ERROR_CODE_CLIENT
+from fedkd.train import warm_up
 from fedkd.world import World, install_world
 
 LOG = logging.getLogger("fedkd")
@@ -48,6 +49,7 @@ class ClientActor:
 
     def __init__(self, world: World, source: WorldSource) -> None:
         install_world(world)
+        warm_up()
         set_task_identity(SERVER_NODE_ID)
         self.app = client_app(source)
         self.num_clients = world.num_clients
