@@ -220,6 +220,8 @@ class DML(PublicSubset, Local):
 
     train_type = TRAIN_TYPE
     subset_salt = 4343
+    #: The registered name, for error messages.
+    name = "dml"
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0, public_size: int = 500,
@@ -243,8 +245,8 @@ class DML(PublicSubset, Local):
 
     def bind(self, world: World) -> None:
         """Bind the world; DML among peers needs a public split."""
-        require_public(world, "dml")
-        check_supported(self.weigh, self.weighting, "dml", per_client_targets=True)
+        require_public(world, self.name)
+        check_supported(self.weigh, self.weighting, self.name, per_client_targets=True)
         check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
                               world.scenario.data.weight_fraction)
         super().bind(world)

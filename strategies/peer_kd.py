@@ -166,6 +166,7 @@ class PeerKD(GraphPeers, DML):
 
     train_type = TRAIN_TYPE
     query_type = QUERY_TYPE
+    name = "peer_kd"
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, seed: int = 0,
@@ -210,7 +211,7 @@ class PeerKD(GraphPeers, DML):
                                     "public (generated needs image data, shape (C, H, W); "
                                     f"{world.scenario.data.name} is "
                                     f"{tuple(world.data.input_shape)})")
-            check_supported(self.weigh, self.weighting, "peer_kd", per_client_targets=True)
+            check_supported(self.weigh, self.weighting, self.name, per_client_targets=True)
             check_weighting_split(self.weigh, self.weighting,
                                   weighting_split(world.data)[0],
                                   world.scenario.data.weight_fraction)
