@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -798,10 +799,17 @@ def write_diagnostics(runs: list[Run], out: Path) -> str:
     rows = diagnostic_rows(runs)
     if not rows:
         return ""
-    text = diagnostics_markdown(rows)
-    (out / "diagnostics.md").write_text(text)
-    pq.write_table(pa.Table.from_pylist(rows), out / "diagnostics.parquet")
-    plot_teacher_diagnostics(runs, out / "teacher_diagnostics.png")
+    return write_section(out, "diagnostics", rows, diagnostics_markdown(rows),
+                         lambda: plot_teacher_diagnostics(runs, out / "teacher_diagnostics.png"))
+
+
+def write_section(out: Path, name: str, rows: list[dict[str, Any]], text: str,
+                  plot: Callable[[], bool]) -> str:
+    """Write a report section: ``<name>.md`` (``text``), ``<name>.parquet`` (``rows``) and
+    its figure (``plot``); returns ``text``."""
+    (out / f"{name}.md").write_text(text)
+    pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
+    plot()
     return text
 
 
@@ -1025,11 +1033,8 @@ def write_peers(runs: list[Run], out: Path) -> str:
     rows = peer_rows(runs)
     if not rows:
         return ""
-    text = peers_markdown(rows)
-    (out / "peers.md").write_text(text)
-    pq.write_table(pa.Table.from_pylist(rows), out / "peers.parquet")
-    plot_peers(runs, out / "peers.png")
-    return text
+    return write_section(out, "peers", rows, peers_markdown(rows),
+                         lambda: plot_peers(runs, out / "peers.png"))
 
 
 def report(paths: list[Path], out: Path | None = None, target: float | None = None,
