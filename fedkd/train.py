@@ -103,7 +103,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def warm_up() -> None:
     """Import what torch's first optimizer imports lazily (``torch._dynamo``, about 2 s on
-    this machine), so that an engine pays it while starting, not inside its first round."""
+    this machine), so that an engine pays it while starting, not inside its first round
+    (the inline grid and every Ray client actor call it; a server that trains pays it in
+    its first round)."""
     import torch._dynamo  # noqa: F401
 
 

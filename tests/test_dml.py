@@ -236,6 +236,7 @@ def test_client_trains_with_kl_towards_peer_target(world: World, tmp_path: Path)
 def test_cli_dml_two_rounds(world: World, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedkd.cli", "simulate", QUICKSTART, "--set", "strategy.name=dml",
+         "--set", "engine.name=inline",
          "--set", "rounds=2", "--out", str(tmp_path), "--no-progress"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -89,6 +89,7 @@ def test_cli_teacher_doubles_the_download(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART), "--out", str(tmp_path),
          "--no-progress", "--set", "rounds=2", "--set", "strategy.name=fedgkd",
+         "--set", "engine.name=inline",
          "--set", "strategy.params.buffer_length=2", "--set", "clients.train.epochs=1",
          "--set", "clients.num=4"],
         capture_output=True, text=True, timeout=600, cwd=QUICKSTART.parents[1])

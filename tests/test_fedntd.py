@@ -98,6 +98,7 @@ def test_cli_two_rounds(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART), "--out", str(tmp_path),
          "--no-progress", "--set", "rounds=2", "--set", "strategy.name=fedntd",
+         "--set", "engine.name=inline",
          "--set", "clients.train.epochs=1", "--set", "clients.num=4"],
         capture_output=True, text=True, timeout=600, cwd=QUICKSTART.parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]

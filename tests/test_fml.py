@@ -359,6 +359,7 @@ def test_cli_two_rounds(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART),
          "--set", "strategy.name=fml", "--set", "rounds=2", "--out", str(tmp_path),
+         "--set", "engine.name=inline",
          "--no-progress"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]

@@ -26,6 +26,7 @@ from fedkd.client import WorldSource
 from fedkd.compose import client_app
 from fedkd.engine.batching import BatchedTrain
 from fedkd.faults import ERROR_CODE_CLIENT
+from fedkd.train import warm_up
 from fedkd.world import World, install_world
 
 #: Node ids are ``NODE_BASE + partition id`` (kept clear of Flower's reserved ids).
@@ -147,6 +148,7 @@ class InlineGrid(BatchGrid):
     def __init__(self, world: World, source: WorldSource) -> None:
         super().__init__(world.num_clients, world)
         install_world(world)
+        warm_up()  # clients train in this process: their first optimizer's imports, now
         self.app = client_app(source)
         self.batched = BatchedTrain(self.app, source) if world.scenario.engine.batched else None
 

@@ -28,7 +28,7 @@ from fedkd.client import train_config_record
 from fedkd.clock import Clock, ClockGrid, make_clock
 from fedkd.comm import GridWrapper, arrayrecord_to_state_dict, message_bytes, split_groups
 from fedkd.faults import ERROR_CODE_CLIENT, SIMULATED
-from fedkd.train import evaluate, predict, warm_up
+from fedkd.train import evaluate, predict
 from fedkd.wire import Refs, Wire, decode_replies, encode_cached, make_wire
 from fedkd.world import World, local_summary
 
@@ -310,7 +310,6 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
         ``budget_exhausted`` when a budget-wrapped strategy cannot fit the next round).
     """
     scn = world.scenario
-    warm_up()  # the first round should not pay torch's lazy imports
     acct = AccountingGrid(grid, make_wire(scn.comm, scn.seed))
     clock = make_clock(world)
     net: Grid = acct if clock is None else ClockGrid(acct, clock,
