@@ -7,7 +7,8 @@ folder renamed over the old one):
   (what a budget has spent), the virtual clock and the RNG states, saved as tensors and
   plain containers only, so ``torch.load(weights_only=True)`` reads it;
 - ``clients/``: a copy of the clients' state store (private models, error-feedback
-  residuals) as it was after that round.
+  residuals) as it was after that round, on disk whatever ``engine.state_store`` is (a
+  run whose state lives in the state actor gets it back into a new actor when it resumes).
 
 The strategy's state is its attributes, walked generically: numbers, strings, containers,
 tensors, NumPy arrays, ArrayRecords, dataclass records, and the state dicts of its modules,
@@ -176,15 +177,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def save(run_dir: Path, state: dict[str, Any]) -> None:
-    """Write ``<run>/checkpoint/`` atomically: ``state.pt`` and a copy of the client states."""
+def save(run_dir: Path, state: dict[str, Any], store: Any = None) -> None:
+    """Write ``<run>/checkpoint/`` atomically: ``state.pt`` and a copy of the client states
+    (of ``store`` when it is not the run folder's disk store, e.g. the state actor)."""
+    from fedkd.state import StateStore, copy_store
+
     final = run_dir / "checkpoint"
     tmp = run_dir / ".checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
     clients = run_dir / "state"
-    if clients.exists():
+    if store is not None and not isinstance(store, StateStore):
+        copy_store(store, StateStore(tmp / "clients"))
+    elif clients.exists():
         shutil.copytree(clients, tmp / "clients")
     old = run_dir / ".checkpoint.old"
     shutil.rmtree(old, ignore_errors=True)

@@ -155,9 +155,6 @@ def prepare(scn: Scenario) -> tuple[World, Any]:
     if scn.engine.state_store == "actor" and scn.engine.name != "ray":
         raise ScenarioError("engine.state_store", "actor",
                             "disk unless engine.name is ray (the state actor lives on Ray)")
-    if scn.engine.state_store == "actor" and scn.checkpoint_every:
-        raise ScenarioError("engine.state_store", "actor", "disk when checkpoint_every > 0 "
-                            "(checkpoints copy the clients' state from the run folder)")
     if scn.engine.batched and scn.engine.name == "flower":
         raise ScenarioError("engine.batched", True, "false unless engine.name is inline or ray "
                             "(Flower's runtime hands the ClientApp one message at a time)")

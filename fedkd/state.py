@@ -53,6 +53,27 @@ class StateStore:
         torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
 
+    def keys(self) -> list[tuple[int, str]]:
+        """Every ``(client, key)`` saved so far, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted((int(f.stem), d.name) for d in self.root.iterdir() if d.is_dir()
+                      for f in d.glob("*.pt"))
+
+
+def copy_store(src: StateStore | ActorStateStore, dst: StateStore | ActorStateStore) -> int:
+    """Copy every saved ``(client, key)`` of ``src`` into ``dst``; returns how many.
+
+    Checkpoints keep a run's client states on disk whatever its store; resuming a run whose
+    state lives in the state actor puts them back into a new actor.
+    """
+    keys = src.keys()
+    for cid, key in keys:
+        tensors = src.load(cid, key)
+        if tensors is not None:
+            dst.save(cid, key, tensors)
+    return len(keys)
+
 
 def state_actor_name(run_dir: str) -> str:
     """The name of a run's state actor (one per run folder)."""

@@ -125,6 +125,28 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, strateg
     assert json.loads(summary.read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
+def test_state_actor_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """DML's private models live in the state actor: checkpoints copy them to disk, a resumed
+    run puts them into a new actor, and the records equal an uninterrupted run's."""
+    actor = ("--set", "engine.state_store=actor")
+    whole = _simulate(tmp_path / "whole", "dml", *actor)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:] if whole.stderr else ""
+    killed = _simulate(tmp_path / "killed", "dml", *actor)
+    deadline = time.monotonic() + 600
+    while _checkpoint_round(tmp_path / "killed") < 2:
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert (tmp_path / "killed" / "checkpoint" / "clients" / "model").is_dir()
+    resumed = _simulate(tmp_path / "killed", "dml", "--resume", str(tmp_path / "killed"))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:] if resumed.stderr else ""
+    for name in ("metrics.parquet", "clients.parquet", "teachers.parquet"):
+        assert _rows(tmp_path / "killed", name) == _rows(tmp_path / "whole", name), name
+    assert not (tmp_path / "killed" / "state").exists()  # the states went back to the actor
+
+
 def test_resume_needs_a_checkpoint_and_nothing_else(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from fedkd.cli import main
@@ -134,3 +156,16 @@ def test_resume_needs_a_checkpoint_and_nothing_else(tmp_path: Path,
     assert "--resume: got" in capsys.readouterr().err
     assert main(["simulate", "s.yaml", "--resume", str(tmp_path)]) == 2
     assert "a run folder alone" in capsys.readouterr().err
+
+
+def test_copy_store_copies_every_client_key(tmp_path: Path) -> None:
+    from fedkd.state import StateStore, copy_store
+
+    src, dst = StateStore(tmp_path / "a"), StateStore(tmp_path / "b")
+    assert src.keys() == []
+    src.save(3, "model", {"w": torch.ones(2)})
+    src.save(1, "model", {"w": torch.zeros(2)})
+    src.save(1, "residual", {"r": torch.full((3,), 2.0)})
+    assert copy_store(src, dst) == 3
+    assert dst.keys() == [(1, "model"), (1, "residual"), (3, "model")]
+    assert torch.equal(dst.load(1, "residual")["r"], torch.full((3,), 2.0))
