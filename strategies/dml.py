@@ -244,12 +244,17 @@ class DML(PublicSubset, Local):
         self.weigh = make_weighting(weighting, weighting_params)
 
     def bind(self, world: World) -> None:
-        """Bind the world; DML among peers needs a public split."""
-        require_public(world, self.name)
+        """Bind the world; the peers need their shared inputs (:meth:`require_shared`)."""
+        self.require_shared(world)
         check_supported(self.weigh, self.weighting, self.name, per_client_targets=True)
         check_weighting_split(self.weigh, self.weighting, weighting_split(world.data)[0],
                               world.scenario.data.weight_fraction)
         super().bind(world)
+
+    def require_shared(self, world: World) -> None:
+        """Raise a ScenarioError unless the world has what the peers predict on: DML's
+        public split."""
+        require_public(world, self.name)
 
     @property
     def subset_n(self) -> int:

@@ -38,14 +38,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedkd.client import ClientEnv, client_fn, train_and_reply
-from fedkd.comm import array_bytes, arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from fedkd.comm import array_bytes, state_dict_to_arrayrecord
 from fedkd.errors import ScenarioError
 from fedkd.world import World
 from strategies import STRATEGIES
 from strategies.fedavg import NodeInfo, weighted_average
 from strategies.fedmd import query_logits
 from strategies.local import Local
-from strategies.peers import GraphPeers
+from strategies.peers import GraphPeers, with_local_loss
 from strategies.topology import metropolis_weights
 
 QUERY_TYPE = f"{MessageType.QUERY}.dpsgd_local"
@@ -121,10 +121,10 @@ class DPSGD(GraphPeers, Local):
         for i, (node, reply) in enumerate(zip(peers, replies, strict=True)):
             mixed = [j for j in range(len(peers)) if w[i, j] > 0]
             mix = weighted_average([records[j] for j in mixed], [w[i, j] for j in mixed])
-            loss = reply.content.metric_records["metrics"]["train-loss"]
-            out.append(Message(RecordDict({"arrays": mix, "config": ConfigRecord(
-                {**dict(cfg), "local-loss": loss})}), dst_node_id=node.node_id,
-                message_type=self.train_type, group_id=str(server_round)))
+            out.append(Message(RecordDict({"arrays": mix,
+                                           "config": with_local_loss(cfg, reply)}),
+                               dst_node_id=node.node_id, message_type=self.train_type,
+                               group_id=str(server_round)))
         return out
 
 
@@ -138,9 +138,8 @@ def dpsgd_local(msg: Message, env: ClientEnv) -> RecordDict:
 
 @client_fn(TRAIN_TYPE)
 def dpsgd_mix(msg: Message, env: ClientEnv) -> RecordDict:
-    """Keep the neighbourhood mix as this peer's weights."""
-    model, _ = env.private_model()
-    model.load_state_dict(arrayrecord_to_state_dict(msg.content.array_records["arrays"]))
-    env.save_private(model)
+    """Keep the neighbourhood mix as this peer's weights (the stored ones are replaced, so
+    they are not loaded)."""
+    env.save_private(env.model_from(msg.content.array_records["arrays"]))
     return RecordDict({"metrics": MetricRecord({
         "num-examples": len(env.data), "train-loss": float(env.config["local-loss"])})})

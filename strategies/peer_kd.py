@@ -89,11 +89,9 @@ from strategies.fedmd import (
     record_logits,
     split_logits,
 )
-from strategies.local import Local, check_int
-from strategies.peers import GraphPeers
+from strategies.local import check_int
+from strategies.peers import GraphPeers, with_local_loss
 from strategies.weighting import (
-    check_supported,
-    check_weighting_split,
     uses_labels,
     weighting_split,
 )
@@ -131,11 +129,10 @@ def generated_edge_bytes(nbrs: Mapping[int, Sequence[int]],
     when ``s`` labelled, its logits on ``d``'s batch (serialized float32 arrays)."""
     sizes = {}
     for d, sources in nbrs.items():
+        n = len(batches[at[d]][0])
         for s in sources:
-            n = len(batches[at[d]][0])
-            logits = labelled[s][:n] if s in labelled else None  # any n rows: their size
-            sizes[(s, d)] = array_bytes(ArrayRecord({"x": Array(batches[at[s]][0].numpy())})) + (
-                0 if logits is None else array_bytes(logits_record(logits)))
+            sizes[(s, d)] = npy_bytes(tuple(batches[at[s]][0].shape)) + (
+                npy_bytes((n, labelled[s].shape[1])) if s in labelled else 0)
     return sizes
 
 
@@ -201,22 +198,19 @@ class PeerKD(GraphPeers, DML):
         self.init_graph(topology)
 
     def bind(self, world: World) -> None:
-        """Bind the world and build the graph over its clients (public data for ``public``,
-        images for ``generated``)."""
-        if self.shared_data == "public":
-            super().bind(world)
-        else:
-            if len(world.data.input_shape) != 3:
-                raise ScenarioError("strategy.params.shared_data", self.shared_data,
-                                    "public (generated needs image data, shape (C, H, W); "
-                                    f"{world.scenario.data.name} is "
-                                    f"{tuple(world.data.input_shape)})")
-            check_supported(self.weigh, self.weighting, self.name, per_client_targets=True)
-            check_weighting_split(self.weigh, self.weighting,
-                                  weighting_split(world.data)[0],
-                                  world.scenario.data.weight_fraction)
-            Local.bind(self, world)
+        """Bind the world (DML's checks) and build the graph over its clients."""
+        super().bind(world)
         self.bind_graph(world)
+
+    def require_shared(self, world: World) -> None:
+        """``public``: DML's public split; ``generated``: image data."""
+        if self.shared_data == "public":
+            super().require_shared(world)
+        elif len(world.data.input_shape) != 3:
+            raise ScenarioError("strategy.params.shared_data", self.shared_data,
+                                "public (generated needs image data, shape (C, H, W); "
+                                f"{world.scenario.data.name} is "
+                                f"{tuple(world.data.input_shape)})")
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """DML's round config, the distillation epochs and (``generated``) the generator's."""
@@ -315,8 +309,7 @@ class PeerKD(GraphPeers, DML):
         """DML's message, its config also carrying the peer's own local training loss."""
         msg = super().peer_message(node, target, cfg, server_round, reply)
         if reply is not None:
-            loss = reply.content.metric_records["metrics"]["train-loss"]
-            msg.content["config"] = ConfigRecord({**dict(cfg), "local-loss": loss})
+            msg.content["config"] = with_local_loss(cfg, reply)
         return msg
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedkd.world import World, local_summary
@@ -196,3 +196,10 @@ class GraphPeers:
             classes = world.data.num_classes if world is not None else int(preds.max()) + 1
             extra["consensus"] = disagreement(preds, classes)
         return MetricRecord({**dict(metrics), **extra})
+
+
+def with_local_loss(config: ConfigRecord, reply: Message) -> ConfigRecord:
+    """``config`` and the ``local-loss`` a peer reported with its upload: the second message
+    of a round carries it back, so the round's train reply reports the local training."""
+    return ConfigRecord({**dict(config),
+                         "local-loss": reply.content.metric_records["metrics"]["train-loss"]})
