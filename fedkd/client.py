@@ -86,13 +86,18 @@ class WorldSource:
         return world
 
     def store(self) -> StateStore | ActorStateStore:
-        """The run's per-client state store (``engine.state_store``, :mod:`fedkd.state`)."""
-        if self.state_store == "actor":
-            return ActorStateStore(self.run_dir)
-        return StateStore(f"{self.run_dir}/state")
+        """The run's per-client state store (``engine.state_store``, :mod:`fedkd.state`),
+        made once per process."""
+        key = (self.state_store, self.run_dir)
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = (ActorStateStore(self.run_dir) if self.state_store == "actor"
+                                    else StateStore(f"{self.run_dir}/state"))
+        return store
 
 
 _WORLDS: dict[str, World] = {}
+_STORES: dict[tuple[str, str], StateStore | ActorStateStore] = {}
 _SKELETONS: dict[str, torch.nn.Module] = {}
 
 

@@ -121,11 +121,17 @@ class ActorStateStore:
 
     def __init__(self, run_dir: str) -> None:
         self.name = state_actor_name(run_dir)
+        self._handle: tuple[str, Any] | None = None
 
     def _actor(self) -> Any:
+        """The state actor's handle, looked up once per Ray job (a lookup asks Ray's
+        control store; a later run in this process is a new job with a new actor)."""
         import ray
 
-        return ray.get_actor(self.name)
+        job = ray.get_runtime_context().get_job_id()
+        if self._handle is None or self._handle[0] != job:
+            self._handle = (job, ray.get_actor(self.name))
+        return self._handle[1]
 
     def load(self, cid: int, key: str) -> dict[str, torch.Tensor] | None:
         """The tensors saved for ``(cid, key)``, or None when nothing was saved."""
