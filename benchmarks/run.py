@@ -17,7 +17,7 @@ What is measured
      per CPU), whose ServerApp runs the same loop after all 100 nodes have registered.
 
    Both run fedkd's ClientApp (:func:`fedkd.compose.client_app`) on a tiny ``synthetic``
-   world. Target: ``flower / fedkd >= 5``.
+   world. Target: ``flower / fedkd >= 100``.
 
 2. **Real work.** FedAvg on Fashion-MNIST (``cnn_small``, 1 local epoch, batch 32, every
    client every round); median seconds per round (first round = warm-up, excluded) of
@@ -30,8 +30,9 @@ What is measured
    - **F2**: ``fedkd simulate`` with 2 actors, 1 torch thread per actor, all server threads;
 
    with per-round ``wall_s`` read from the run's ``metrics.parquet`` (same scope as P: train,
-   aggregate, central evaluation). Targets: ``F1/P1 <= 1.10`` (the engine costs at most 10 %
-   over a bare loop) and ``F2/P2 <= 0.80`` (two actors beat two torch threads by 20 %). P1's
+   aggregate, central evaluation). Targets: ``F1/P1 <= 1.03`` (the engine costs at most 3 %
+   over a bare loop), ``F2/P2 <= 0.80`` (two actors beat two torch threads by 20 %) and
+   ``F2 / (P1 / 2) <= 1.05`` (two actors within 5 % of perfect two-process scaling). P1's
    and F1's final accuracies must agree within 0.02 (the same work was done).
 
 3. **Message layer.** FedAvg as in 2 (1 actor), without a codec and with fp16 both ways.
@@ -109,7 +110,7 @@ class Settings:
     """
 
     ping_clients: int = 100
-    ping_rounds: int = 5
+    ping_rounds: int = 20
     ping_warmup: int = 1
     train_limit: int = 12000
     test_limit: int = 2000
@@ -139,9 +140,10 @@ class Target:
         return f"{self.op} {self.bound:g}"
 
 
-OVERHEAD_TARGET = Target("engine overhead: flower / fedkd (s per round)", ">=", 5.0)
-F1_TARGET = Target("real work, 1 core: F1 / P1 (s per round)", "<=", 1.10)
+OVERHEAD_TARGET = Target("engine overhead: flower / fedkd (s per round)", ">=", 100.0)
+F1_TARGET = Target("real work, 1 core: F1 / P1 (s per round)", "<=", 1.03)
 F2_TARGET = Target("real work, 2 cores: F2 / P2 (s per round)", "<=", 0.80)
+F2_SCALING_TARGET = Target("real work, 2 actors: F2 / (P1 / 2) (s per round)", "<=", 1.05)
 ACC_TARGET = Target("final accuracy |P1 - F1|", "<=", 0.02)
 COMM_TARGET = Target("message layer: fp16 both ways / no codec (s per round)", "<=", 1.05)
 DIAG_TARGET = Target("teacher diagnostics / FedDF round (s)", "<=", 0.10)
@@ -652,6 +654,9 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
                                     f"{res['P1']['median_s']:.2f} s per round"),
         check(F2_TARGET, f2, detail=f"{res['F2']['median_s']:.2f} s vs "
                                     f"{res['P2']['median_s']:.2f} s per round"),
+        check(F2_SCALING_TARGET, res["F2"]["median_s"] / (res["P1"]["median_s"] / 2),
+              detail=f"{res['F2']['median_s']:.2f} s vs {res['P1']['median_s'] / 2:.2f} s "
+                     f"(half of P1) per round"),
         check(ACC_TARGET, acc_diff, detail=f"P1 {res['P1']['final_acc']:.4f}, "
                                            f"F1 {res['F1']['final_acc']:.4f}, "
                                            f"P2 {res['P2']['final_acc']:.4f}, "
