@@ -60,11 +60,15 @@ What is measured
    except where a float32 near-tie in max-pooling or ReLU breaks differently for a client:
    then up to about 1e-3 for that client; in float64 the two agree to 1e-16). The clients
    train on ``--device``: ``cpu``, or ``cuda`` (then the rounds' scenario gives clients the
-   GPU, ``engine.client_resources.num_gpus: 1``).
+   GPU, ``engine.client_resources.num_gpus: 1``). Beside each ratio, its **compute
+   ceiling**: the updates' matmul and convolution FLOPs (``torch.utils.flop_counter``, one
+   by one, counted once) at the device's rate for a 1024 x 1024 x 1024 float32 matmul take
+   ``floor_s``; no grouping of the same updates can beat one by one by more than
+   ``one by one / floor_s``. Where that ceiling is under 3, the target cannot be met on
+   that device.
 
 Every configuration runs in its own subprocess (so torch thread settings, Ray and Flower state
-do not leak between them), in the order P1, F1, P2, F2 so compared pairs run close together on
-this shared, noisy machine.
+do not leak between them), compared pairs close together on this shared, noisy machine.
 """
 
 from __future__ import annotations
@@ -513,6 +517,24 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
+def gemm_peak(dev: Any, n: int = 1024, repeats: int = 5) -> float:
+    """This device's float32 matrix-multiply rate (FLOP/s, best of ``repeats`` n x n x n
+    products at the current thread count): the most any training step can reach."""
+    import torch
+
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 def child_batched_train(spec: dict[str, Any]) -> dict[str, Any]:
     """One round of local training of ``spec["clients"]`` clients of ``spec["arch"]`` on
     ``spec["device"]``: ``train_supervised`` client by client (each update copied back to the
@@ -562,7 +584,12 @@ def child_batched_train(spec: dict[str, Any]) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - t0)
     diff = max(float((a[key] - b[key]).abs().max())
                for a, b in zip(states["one_by_one"], states["batched"], strict=True) for key in a)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # the same updates, counted once
+        one_by_one()
     return {"one_by_one_s": times["one_by_one"], "batched_s": times["batched"],
+            "flops": int(counter.get_total_flops()), "peak_flops_s": gemm_peak(dev),
             "max_abs_diff": diff, "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "torch_threads": torch.get_num_threads()}
@@ -792,12 +819,19 @@ def bench_batched(s: Settings, work: Path, log: Callable[[str], None], quiet: fl
         train = {**raw, "spec": spec, "one_by_one_median_s": median(raw["one_by_one_s"]),
                  "batched_median_s": median(raw["batched_s"])}
         ratio = train["one_by_one_median_s"] / train["batched_median_s"]
+        # the compute ceiling: the updates' matmul and convolution FLOPs at this device's GEMM
+        # rate take `floor_s`; no way of grouping them can beat one by one by more than
+        # one_by_one / floor_s
+        train["floor_s"] = raw["flops"] / raw["peak_flops_s"]
+        train["ceiling"] = train["one_by_one_median_s"] / train["floor_s"]
         train["check"] = check(
             batched_target(arch, f"local training only, {device}"), ratio,
             detail=f"{train['one_by_one_median_s']:.3f} s vs {train['batched_median_s']:.3f} s "
                    f"for {s.batched_clients} clients' updates"
                    f"{' on ' + raw['device_name'] if raw['device_name'] else ''}; "
-                   f"max weight difference {raw['max_abs_diff']:.1e}")
+                   f"max weight difference {raw['max_abs_diff']:.1e}; compute ceiling "
+                   f"{train['ceiling']:.1f}x ({raw['flops'] / 1e9:.1f} GFLOP at the "
+                   f"{raw['peak_flops_s'] / 1e9:.0f} GFLOP/s of a 1024^3 matmul)")
         log(f"  {train['check']['detail']}")
         checks.append(train["check"])
         entry["train"] = train
