@@ -102,20 +102,13 @@ def message_bytes_of_model() -> int:
 
 def test_cli_budget_stops_cleanly(tmp_path: Path) -> None:
     import json
-    import subprocess
-    import sys
 
     import pyarrow.parquet as pq
+    from cli_runs import simulate_inline
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.cli", "simulate", "scenarios/quickstart.yaml", "--out",
-         str(tmp_path), "--no-progress", "--set", "rounds=6", "--set", "clients.fraction=0.5",
-         "--set", "clients.train.epochs=1", "--set", "comm.down.codec=fp16",
-         "--set", "comm.budget.total_mb=9", "--set", "eval_every=5"],
-        capture_output=True, text=True, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_dir,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    run_dir = simulate_inline(tmp_path, "rounds=6", "clients.fraction=0.5",
+                              "clients.train.epochs=1", "comm.down.codec=fp16",
+                              "comm.budget.total_mb=9", "eval_every=5")
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert summary["status"] == "budget_exhausted" and 0 < len(rows) < 6

@@ -76,12 +76,14 @@ def test_records_from_outside_fedkd_are_refused() -> None:
         from_safe(safe, None)
 
 
-def _simulate(out: Path, strategy: str, *extra: str) -> subprocess.Popen[str]:
+def _simulate(out: Path, strategy: str, *extra: str, engine: str = "ray",
+              ) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "fedkd.cli", "simulate", "--no-progress", *extra]
     if "--resume" not in extra:
         args += ["scenarios/quickstart.yaml", "--run-dir", str(out), "--set", "rounds=4",
                  "--set", "checkpoint_every=1", "--set", "clients.num=4", "--set",
-                 f"strategy.name={strategy}", "--set", "clients.train.epochs=1"]
+                 f"strategy.name={strategy}", "--set", "clients.train.epochs=1",
+                 "--set", f"engine.name={engine}"]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -98,24 +100,27 @@ def _checkpoint_round(run: Path) -> int:
     return int(torch.load(path, weights_only=True)["round"]) if path.exists() else 0
 
 
-# FedGen (server generator and optimizer) in the default run; the others in the slow set
-STRATEGIES = ["fedgen", pytest.param("fedmd", marks=pytest.mark.slow),
-              pytest.param("fedavg", marks=pytest.mark.slow),
-              pytest.param("feddf", marks=pytest.mark.slow),
-              pytest.param("peer_kd", marks=pytest.mark.slow)]
+# FedGen (server generator and optimizer) on the inline engine in the default run; the others,
+# on Ray, in the slow set
+STRATEGIES = [pytest.param("fedgen", "inline"),
+              pytest.param("fedmd", "ray", marks=pytest.mark.slow),
+              pytest.param("fedavg", "ray", marks=pytest.mark.slow),
+              pytest.param("feddf", "ray", marks=pytest.mark.slow),
+              pytest.param("peer_kd", "ray", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, strategy: str) -> None:
-    whole = _simulate(tmp_path / "whole", strategy)
-    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:] if whole.stderr else ""
-    killed = _simulate(tmp_path / "killed", strategy)
+@pytest.mark.parametrize(("strategy", "engine"), STRATEGIES)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, strategy: str,
+                                                         engine: str) -> None:
+    whole = _simulate(tmp_path / "whole", strategy, engine=engine)
+    killed = _simulate(tmp_path / "killed", strategy, engine=engine)  # both at once
     deadline = time.monotonic() + 600
     while _checkpoint_round(tmp_path / "killed") < 2:
         assert killed.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(killed.pid, signal.SIGKILL)  # the driver and every Ray process it started
     killed.wait(timeout=60)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:] if whole.stderr else ""
     summary = tmp_path / "killed" / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text())["rounds"] < 4
     resumed = _simulate(tmp_path / "killed", strategy, "--resume", str(tmp_path / "killed"))

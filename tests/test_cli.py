@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from cli_runs import simulate_inline
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "scenarios" / "quickstart.yaml")
@@ -49,12 +50,12 @@ SMALL = ("rounds=2", "clients.fraction=0.5", "clients.train.epochs=1")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same small scenario on: Ray twice (2 actors), Ray with 1 actor, Flower's engine,
-    and the inline engine (every client in the driver process)."""
+    """The same small scenario on: Ray (2 actors), Ray with 1 actor, Flower's engine, and the
+    inline engine (every client in the driver process) twice, once in this process."""
     base = tmp_path_factory.mktemp("runs")
     return {
         "ray_a": simulate(base / "a", *SMALL, "engine.actors=2"),
-        "ray_b": simulate(base / "b", *SMALL, "engine.actors=2"),
+        "inline_b": simulate_inline(base / "b", *SMALL),
         "ray_1": simulate(base / "c", *SMALL, "engine.actors=1"),
         "flower": simulate(base / "d", *SMALL, "engine.name=flower"),
         "inline": simulate(base / "e", *SMALL, "engine.name=inline"),
@@ -88,7 +89,7 @@ def test_run_folder_contents(runs: dict[str, Path]) -> None:
 
 def test_same_seed_same_metrics(runs: dict[str, Path]) -> None:
     for f in ("metrics.parquet", "clients.parquet"):
-        assert table(runs["ray_a"] / f) == table(runs["ray_b"] / f)
+        assert table(runs["inline"] / f) == table(runs["inline_b"] / f)
 
 
 def test_one_vs_two_actors(runs: dict[str, Path]) -> None:
@@ -132,8 +133,8 @@ def test_demo_reaches_95_percent(tmp_path: Path) -> None:
 
 def test_eval_every_and_dropout(tmp_path: Path) -> None:
     """``eval_every: 2`` tests rounds 2 and 3 (the last); ``dropout`` makes clients fail."""
-    run = simulate(tmp_path, "rounds=3", "eval_every=2", "clients.dropout=0.5",
-                   "clients.train.epochs=1")
+    run = simulate_inline(tmp_path, "rounds=3", "eval_every=2", "clients.dropout=0.5",
+                          "clients.train.epochs=1")
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["acc"] is not None for r in rows] == [False, True, True]
     assert sum(r["failures"] for r in rows) > 0
@@ -142,8 +143,8 @@ def test_eval_every_and_dropout(tmp_path: Path) -> None:
 
 def test_local_sends_nothing(tmp_path: Path) -> None:
     """``local``: nothing crosses the network; ``acc`` is the mean of the clients' accuracy."""
-    run = simulate(tmp_path, "rounds=2", "strategy.name=local", "clients.num=4",
-                   "clients.train.epochs=1")
+    run = simulate_inline(tmp_path, "rounds=2", "strategy.name=local", "clients.num=4",
+                          "clients.train.epochs=1")
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert all(r["bytes_down"] == r["bytes_up"] == 0 for r in rows)
     clients = [c for c in pq.read_table(run / "clients.parquet").to_pylist()

@@ -67,23 +67,14 @@ def test_offline_clients_are_not_sent_anything() -> None:
 
 
 def test_cli_devices_deadline_and_virtual_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import pyarrow.parquet as pq
+    from cli_runs import simulate_inline
 
-    root = Path(__file__).resolve().parents[1]
     profiles = ("[{name: phone, fraction: 0.5, gflops: 0.05, up_mbps: 5, down_mbps: 20, "
                 "availability: 0.7}, {name: laptop, fraction: 0.5, gflops: 20, up_mbps: 50, "
                 "down_mbps: 100}]")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.cli", "simulate", "scenarios/quickstart.yaml", "--out",
-         str(tmp_path), "--no-progress", "--set", "rounds=3", "--set", "clients.train.epochs=1",
-         "--set", f"clients.devices.profiles={profiles}", "--set", "clients.deadline_s=3"],
-        capture_output=True, text=True, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_dir,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    run_dir = simulate_inline(tmp_path, "rounds=3", "clients.train.epochs=1",
+                              f"clients.devices.profiles={profiles}", "clients.deadline_s=3")
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert [r["virtual_s"] for r in rows] == [3.0, 3.0, 3.0]  # phones miss every deadline
     assert rows[-1]["virtual_time"] == 9.0

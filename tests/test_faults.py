@@ -58,19 +58,12 @@ def test_same_seed_round_and_client_same_fate() -> None:
 
 def test_cli_crash_completes_and_records_failures(tmp_path: Path) -> None:
     import json
-    import subprocess
-    import sys
 
     import pyarrow.parquet as pq
+    from cli_runs import simulate_inline
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.cli", "simulate", "scenarios/quickstart.yaml", "--out",
-         str(tmp_path), "--no-progress", "--set", "rounds=3", "--set", "clients.crash=0.3",
-         "--set", "clients.train.epochs=1"], capture_output=True, text=True, cwd=root,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_dir,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    run_dir = simulate_inline(tmp_path, "rounds=3", "clients.crash=0.3",
+                              "clients.train.epochs=1")
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert sum(r["failures"] for r in rows) > 0 and all(r["failures"] < 10 for r in rows)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runs import simulate_inline
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
@@ -380,14 +379,7 @@ def test_teacher_logits_on_ray_actors_match_in_process(world: World) -> None:
 
 
 def _simulate(out: Path, *sets: str) -> Path:
-    args = [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART), "--out", str(out),
-            "--no-progress", "--set", "strategy.name=feddf", "--set", "rounds=2"]
-    for s in sets:
-        args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = [p for p in out.glob("*/*") if p.is_dir()]
-    return run
+    return simulate_inline(out, "strategy.name=feddf", "rounds=2", *sets)
 
 
 def test_cli_feddf(tmp_path: Path) -> None:

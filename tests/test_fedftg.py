@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runs import simulate_inline
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.comm import arrayrecord_to_state_dict, split_groups, state_dict_to_arrayrecord
@@ -231,14 +230,9 @@ def test_rollback_needs_a_validation_split() -> None:
 
 
 def test_cli_two_rounds(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.cli", "simulate", str(QUICKSTART),
-         "--set", "strategy.name=fedftg", "--set", "rounds=2",
-         "--set", "strategy.params.rounds_inner=2", "--set", "strategy.params.gen_width=16",
-         "--set", "server.threads=1", "--out", str(tmp_path), "--no-progress"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    run = simulate_inline(tmp_path, "strategy.name=fedftg", "rounds=2",
+                          "strategy.params.rounds_inner=2", "strategy.params.gen_width=16",
+                          "server.threads=1")
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["round"] for r in rows] == [1, 2]
     assert all(0.0 <= r["acc"] <= 1.0 and r["failures"] == 0 for r in rows)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import simulate_inline
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
@@ -415,12 +416,7 @@ def test_client_reply_reports_drawn_counts(world: World, tmp_path: Path) -> None
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_two_rounds_bytes(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.cli", "simulate", "scenarios/quickstart.yaml",
-         "--set", "strategy.name=fedgen", "--set", "rounds=2", "--out", str(tmp_path),
-         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    run = simulate_inline(tmp_path, "strategy.name=fedgen", "rounds=2")
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["failures"] == 0 and r["participants"] == 10 for r in rows)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runs import simulate_inline
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from grids import CidGrid
 from torch import nn
@@ -482,15 +481,9 @@ HETERO = "clients.models=[{arch: cnn_small, fraction: 0.5}, {arch: mlp, fraction
 
 
 def test_cli_fedmd_heterogeneous_two_rounds(world: World, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.cli", "simulate", QUICKSTART, "--set", "strategy.name=fedmd",
-         "--set", "rounds=2", "--set", HETERO, "--set", "data.public.labeled=true",
-         "--set", "strategy.params.pretrain_public_epochs=3",
-         "--set", "strategy.params.pretrain_private_epochs=5",
-         "--out", str(tmp_path), "--no-progress"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    run = simulate_inline(tmp_path, "strategy.name=fedmd", "rounds=2", HETERO,
+                          "data.public.labeled=true", "strategy.params.pretrain_public_epochs=3",
+                          "strategy.params.pretrain_private_epochs=5")
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["round"] for r in rows] == [1, 2]
     n_align = min(5000, len(world.data.public))  # the whole public split
