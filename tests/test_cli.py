@@ -214,38 +214,48 @@ def test_bad_value_is_one_line(tmp_path: Path) -> None:
     assert lines == ["fedkd: error: partition.params.alpha: got 0; allowed: a number > 0"]
 
 
-def test_unknown_key_lists_allowed(tmp_path: Path) -> None:
-    proc = fedkd("validate", QUICKSTART, "--set", "clients.fracton=0.5")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1
-    assert "clients.fracton" in proc.stderr and "'fraction'" in proc.stderr
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI's exit code, standard output and error, run in this process (the commands
+    that start no engine; one-line errors in a fresh process: the test above)."""
+    from fedkd.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_missing_cifar10_one_line(tmp_path: Path) -> None:
-    proc = fedkd("validate", QUICKSTART, "--set", "data.name=cifar10", "--set",
-                 f"data.root={tmp_path}", "--set", "data.download=false")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1, proc.stderr
-    assert str(tmp_path) in proc.stderr and "download: true" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_unknown_key_lists_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = in_process(capsys, "validate", QUICKSTART, "--set", "clients.fracton=0.5")
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "clients.fracton" in err and "'fraction'" in err
 
 
-def test_list_and_partition(tmp_path: Path) -> None:
-    proc = fedkd("list")
-    assert proc.returncode == 0
-    assert "dirichlet" in proc.stdout and "fedavg" in proc.stdout and "resnet8" in proc.stdout
-    assert "codecs: bf16, fp16, fp32, int8, logit_topk, qsgd, soft_label, topk" in proc.stdout
+def test_missing_cifar10_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = in_process(capsys, "validate", QUICKSTART, "--set", "data.name=cifar10",
+                              "--set", f"data.root={tmp_path}", "--set", "data.download=false")
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert str(tmp_path) in err and "download: true" in err
+
+
+def test_list_and_partition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = in_process(capsys, "list")
+    assert code == 0
+    assert "dirichlet" in out and "fedavg" in out and "resnet8" in out
+    assert "codecs: bf16, fp16, fp32, int8, logit_topk, qsgd, soft_label, topk" in out
     png = tmp_path / "p.png"
-    proc = fedkd("partition", QUICKSTART, "--png", str(png))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    code, out, err = in_process(capsys, "partition", QUICKSTART, "--png", str(png))
+    assert code == 0, err
+    lines = out.splitlines()
     assert len(lines) == 1 + 10 + 1  # header, 10 clients, heat-map path
     totals = [int(line.split()[-1]) for line in lines[1:11]]
     assert sum(totals) == 1437 - 144 - 144  # digits train minus val and public (10 % each)
     assert png.stat().st_size > 0
 
 
-def test_validate_ok() -> None:
-    proc = fedkd("validate", QUICKSTART)
-    assert proc.returncode == 0, proc.stderr
-    assert "valid" in proc.stdout and "10 clients" in proc.stdout
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = in_process(capsys, "validate", QUICKSTART)
+    assert code == 0, err
+    assert "valid" in out and "10 clients" in out
