@@ -853,7 +853,7 @@ def pop_targets(engine: str) -> tuple[Target, Target, Target]:
             Target(f"population ({engine}): start-up at 100,000 clients (s)", "<=", 60.0))
 
 
-def population_scenario(n: int, engine: str, rounds: int = 8) -> dict[str, Any]:
+def population_scenario(n: int, engine: str, rounds: int = 20) -> dict[str, Any]:
     """FedAvg on ``synthetic`` data, 20 samples per client, 100 clients a round (all of them
     below 100)."""
     return {
