@@ -3,10 +3,12 @@
 Each round's messages are grouped into ONE batch per actor (balanced by client data size)
 and sent as one Ray call, instead of one call per message: at 100 trivial clients that is a
 few milliseconds per round, against ~0.3 s for Flower's own polling simulation engine. A batch
-and its replies cross as one pickle each (the C pickler, highest protocol), made by the sender:
-Ray's own serializer goes through cloudpickle object by object, which took about as long as
-the round's Ray calls themselves. Messages that share one content (a round's broadcast model)
-share it in the pickle too, so it crosses once per actor.
+whose arrays are small crosses as one pickle made by the sender (:func:`pack`: the C pickler,
+highest protocol): Ray's own serializer goes through cloudpickle object by object, which took
+about as long as the round's Ray calls themselves when nothing else crossed. A batch that
+carries models goes through Ray's serializer, which copies their bytes once fewer (35 ms
+less a round for 20 replies of 1.7 MB). Messages that share one content (a round's broadcast
+model) share it either way, so it crosses once per actor.
 The world (dataset tensors, partitions) goes into Ray's object store once and every actor
 receives it at start-up. Replies come back in the order the messages were sent. An actor
 that dies (killed, out of memory) is replaced at once; the clients it held that round come
@@ -22,6 +24,7 @@ import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ray
 from flwr.app import Error, Message
@@ -60,17 +63,44 @@ class ClientActor:
         self.num_clients = world.num_clients
         self.batched = BatchedTrain(self.app, source) if world.scenario.engine.batched else None
 
-    def run(self, payload: bytes) -> bytes:
-        """Process one pickled batch of ``(partition id, message)`` pairs in order; the
-        replies, pickled (``engine.batched``: plain train messages of one architecture
+    def run(self, payload: list[tuple[int, Message]] | bytes) -> list[Message] | bytes:
+        """Process one batch of ``(partition id, message)`` pairs in order (:func:`pack`ed);
+        the replies, packed (``engine.batched``: plain train messages of one architecture
         trained together, :mod:`fedkd.engine.batching`)."""
-        batch = pickle.loads(payload)
+        batch = unpack(payload)
         app = self.app if self.batched is None else self.batched.prepare(batch)
-        return pickle.dumps(run_batch(app, batch, self.num_clients), pickle.HIGHEST_PROTOCOL)
+        return pack(run_batch(app, batch, self.num_clients))
 
     def ready(self) -> str:
         """Return, once the actor is constructed, the id of the Ray node it runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+#: A batch whose distinct contents hold fewer array bytes than this crosses as one pickle.
+SMALL_BATCH_BYTES = 1 << 20
+
+
+def pack(items: list[Any]) -> list[Any] | bytes:
+    """``items`` (messages, or ``(partition id, message)`` pairs) as one pickle when their
+    distinct contents hold fewer than :data:`SMALL_BATCH_BYTES` array bytes, else as is (for
+    Ray's serializer)."""
+    seen: set[int] = set()
+    size = 0
+    for item in items:
+        msg = item[1] if isinstance(item, tuple) else item
+        if not msg.has_content() or id(msg.content) in seen:
+            continue
+        seen.add(id(msg.content))
+        size += sum(len(a.data) for rec in msg.content.array_records.values()
+                    for a in rec.values())
+        if size >= SMALL_BATCH_BYTES:
+            return items
+    return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(payload: list[Any] | bytes) -> list[Any]:
+    """The inverse of :func:`pack`."""
+    return pickle.loads(payload) if isinstance(payload, bytes) else payload
 
 
 def balance(costs: Sequence[float], bins: int) -> list[list[int]]:
@@ -132,8 +162,7 @@ class RayGrid(BatchGrid):
             return []
         cids = [m.metadata.dst_node_id - NODE_BASE for m in msgs]
         plan = balance([self.costs[c] for c in cids], min(len(self.actors), len(msgs)))
-        futures = {self.actors[b].run.remote(pickle.dumps([(cids[i], msgs[i]) for i in idx],
-                                                          pickle.HIGHEST_PROTOCOL)): (b, idx)
+        futures = {self.actors[b].run.remote(pack([(cids[i], msgs[i]) for i in idx])): (b, idx)
                    for b, idx in enumerate(plan) if idx}
         for b, idx in enumerate(plan):
             self.client_nodes.update((cids[i], self.actor_nodes[b]) for i in idx)
@@ -146,7 +175,7 @@ class RayGrid(BatchGrid):
             for fut in done:
                 b, idx = futures[fut]
                 try:
-                    out = pickle.loads(ray.get(fut))
+                    out = unpack(ray.get(fut))
                 except ray.exceptions.RayActorError as exc:
                     self._replace(b)
                     reason = " ".join(str(exc).split())[:300]
