@@ -13,7 +13,16 @@ from grids import ToyGrid
 
 from fedkd.client import WorldSource
 from fedkd.compose import from_dict
-from fedkd.engine.ray_grid import NODE_BASE, SERVER_NODE_ID, RayGrid, balance, set_task_identity
+from fedkd.engine.ray_grid import (
+    NODE_BASE,
+    SERVER_NODE_ID,
+    SMALL_BATCH_BYTES,
+    RayGrid,
+    balance,
+    pack,
+    set_task_identity,
+    unpack,
+)
 from fedkd.engine.runner import AccountingGrid
 from fedkd.scenario import dump
 from fedkd.world import build_world
@@ -53,6 +62,27 @@ class EchoGrid(ToyGrid):
                          timeout: float | None = None) -> Iterable[Message]:
         content = RecordDict({"arrays": ArrayRecord({"r": Array(self.reply_array)})})
         return [Message(content, reply_to=m) for m in reversed(list(messages))]
+
+
+def test_small_batches_cross_as_one_pickle_large_ones_as_they_are() -> None:
+    def batch(floats: int, n: int) -> list[tuple[int, Message]]:
+        shared = RecordDict({"a": ArrayRecord({"w": Array(np.ones(floats, np.float32))})})
+        return [(c, Message(shared, dst_node_id=NODE_BASE + c, message_type="train"))
+                for c in range(n)]
+
+    limit = SMALL_BATCH_BYTES // 4  # float32s of the threshold
+    # a shared content counts once: 10 messages of a model just under the limit are small
+    small = batch(limit - 100, 10)
+    packed = pack(small)
+    assert isinstance(packed, bytes) and len(packed) < SMALL_BATCH_BYTES + 10_000
+    back = unpack(packed)
+    assert [c for c, _ in back] == list(range(10))
+    assert back[0][1].content is back[9][1].content  # still one content after the trip
+    assert np.array_equal(back[3][1].content["a"]["w"].numpy(), np.ones(limit - 100))
+    large = batch(limit, 2)
+    assert pack(large) is large and unpack(large) is large
+    errors = [Message(RecordDict(), dst_node_id=NODE_BASE, message_type="query.ping")]
+    assert unpack(pack(errors))[0].metadata.message_type == "query.ping"
 
 
 def test_accounting_counts_exact_bytes_and_orders_replies() -> None:
