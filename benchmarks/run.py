@@ -56,7 +56,8 @@ What is measured
    ``one by one / batched >= 3``. Beside it, the local training alone (``--only
    batched-train``, in one process, no Flower): one round of the same 100 clients' updates
    (random data of Fashion-MNIST's shape), ``train_supervised`` client by client against one
-   ``train_batched`` call, with the largest weight difference between the two (about 1e-8,
+   ``train_batched`` call (its default grouping: all clients on a GPU, 16 at a time on the
+   CPU), with the largest weight difference between the two (about 1e-8,
    except where a float32 near-tie in max-pooling or ReLU breaks differently for a client:
    then up to about 1e-3 for that client; in float64 the two agree to 1e-16). The clients
    train on ``--device``: ``cpu``, or ``cuda`` (then the rounds' scenario gives clients the

@@ -1,6 +1,6 @@
 """Batched local training: many clients' local SGD as one vectorised step.
 
-:func:`train_batched` does for a list of clients of one architecture exactly what
+:func:`train_group` does for a list of clients of one architecture exactly what
 :func:`fedkd.train.train_supervised` does for each of them (without ``extra_loss``), with their
 parameters stacked along a leading client axis and one ``torch.func.vmap`` of
 ``torch.func.grad_and_value`` over ``torch.func.functional_call`` per step:
@@ -92,9 +92,44 @@ def _schedule(sizes: Sequence[int], cfg: TrainConfig, seeds: Sequence[int],
     return index, weight
 
 
+#: Most clients in one vectorised call on the CPU (``group=0``): 100 stacked clients fall out
+#: of the caches that one client's parameters and activations fit in (``cnn_small``, 100
+#: clients: 22.4 s in one group, about 11 s in groups of 8 to 20, 7.6 s one by one).
+CPU_GROUP = 16
+
+
 def train_batched(model: nn.Module, states: Sequence[dict[str, Tensor]],
                   datas: Sequence[tuple[Tensor, Tensor]], cfg: TrainConfig,
-                  seeds: Sequence[int]) -> list[Outcome]:
+                  seeds: Sequence[int], group: int = 0) -> list[Outcome]:
+    """Train the clients of one architecture in vectorised groups, as
+    :func:`~fedkd.train.train_supervised` trains each.
+
+    Parameters
+    ----------
+    model, states, datas, cfg, seeds
+        As :func:`train_group`.
+    group : int
+        Most clients in one vectorised call; 0: all of them on a GPU, :data:`CPU_GROUP` on the
+        CPU. Every client's result is the same in any grouping (up to float rounding).
+
+    Returns
+    -------
+    list[Outcome]
+        Per client, in order, as :func:`train_group`.
+    """
+    if not len(states) == len(datas) == len(seeds):
+        raise ValueError(f"{len(states)} states, {len(datas)} datasets, {len(seeds)} seeds")
+    size = group or (len(states) if device_of(model).type == "cuda" else CPU_GROUP)
+    out: list[Outcome] = []
+    for i in range(0, len(states), size):
+        out += train_group(model, states[i:i + size], datas[i:i + size], cfg,
+                           seeds[i:i + size])
+    return out
+
+
+def train_group(model: nn.Module, states: Sequence[dict[str, Tensor]],
+                datas: Sequence[tuple[Tensor, Tensor]], cfg: TrainConfig,
+                seeds: Sequence[int]) -> list[Outcome]:
     """Train every client of one architecture at once, as :func:`~fedkd.train.train_supervised`
     trains each.
 

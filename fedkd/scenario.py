@@ -172,6 +172,9 @@ class EngineConfig:
     #: Train the plain FedAvg ``"train"`` messages of one architecture that a worker holds
     #: in one vectorised step (:mod:`fedkd.engine.batching`; engines ``inline`` and ``ray``).
     batched: bool = False
+    #: Most clients in one vectorised step; 0: all of a worker's on a GPU, 16 on the CPU
+    #: (:func:`fedkd.batched.train_batched`).
+    batched_group: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
 
 
 @dataclass(frozen=True)

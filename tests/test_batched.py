@@ -122,6 +122,21 @@ def test_a_diverging_client_fails_alone_as_one_by_one() -> None:
     torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=0)
 
 
+def test_groups_of_any_size_give_each_client_the_same_update() -> None:
+    model, states, datas = _toy("mlp")
+    cfg = TrainConfig(lr=0.1, momentum=0.9, epochs=2, batch_size=4)
+    seeds = list(range(len(SIZES)))
+    whole = train_batched(model, states, datas, cfg, seeds)  # CPU: groups of CPU_GROUP
+    for group in (1, 2, len(SIZES)):
+        parts = train_batched(model, states, datas, cfg, seeds, group=group)
+        assert len(parts) == len(whole)
+        for a, b in zip(whole, parts, strict=True):
+            assert not isinstance(a, Exception) and not isinstance(b, Exception)
+            assert a[1].steps == b[1].steps and a[1].examples == b[1].examples
+            assert a[1].loss == pytest.approx(b[1].loss, abs=1e-6)
+            torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+
+
 def test_models_with_batchnorm_dropout_or_buffers_are_refused() -> None:
     assert unbatchable(build_model("mlp", SHAPE, 10, seed=0)) is None
     assert unbatchable(build_model("cnn_small", SHAPE, 10, seed=0)) is None
@@ -211,9 +226,9 @@ def test_inline_replies_match_message_by_message(tmp_path: Path,
     want = _replies(_world("clients.models.0.arch=mlp"), tmp_path / "a", cids)
     calls: list[int] = []
 
-    def spy(model: torch.nn.Module, states: list[Any], *args: Any) -> Any:
+    def spy(model: torch.nn.Module, states: list[Any], *args: Any, **kwargs: Any) -> Any:
         calls.append(len(states))
-        return train_batched(model, states, *args)
+        return train_batched(model, states, *args, **kwargs)
 
     monkeypatch.setattr(batching, "train_batched", spy)
     got = _replies(_world("clients.models.0.arch=mlp", "engine.batched=true"), tmp_path / "b",

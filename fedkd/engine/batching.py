@@ -63,6 +63,7 @@ class BatchedTrain:
         self.source = source
         scn = source.scenario()
         self.wire = make_wire(scn.comm, scn.seed)
+        self.group = scn.engine.batched_group
         self.refused: dict[str, str] = {}
         self._skeletons: dict[tuple[str, str], torch.nn.Module] = {}
         self._ready: dict[int, RecordDict | Exception] = {}
@@ -144,7 +145,7 @@ class BatchedTrain:
         datas = [(e.data.x, e.data.y) for e in envs]
         try:
             outcomes = train_batched(model, [states[id(m.content)] for m in msgs], datas, cfg,
-                                     [e.seed() for e in envs])
+                                     [e.seed() for e in envs], group=self.group)
         except Exception as exc:  # noqa: BLE001 - an unsupported op: one by one from now on
             self._refuse(arch, f"{type(exc).__name__}: {exc}")
             return
