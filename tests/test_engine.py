@@ -85,6 +85,33 @@ def test_small_batches_cross_as_one_pickle_large_ones_as_they_are() -> None:
     assert unpack(pack(errors))[0].metadata.message_type == "query.ping"
 
 
+def test_inline_clients_use_engine_threads_and_the_server_keeps_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from fedkd.engine import inline
+
+    scn = from_dict(ENGINE_SCENARIO)
+    grid = inline.InlineGrid(build_world(scn), WorldSource(dump(scn), str(tmp_path), threads=1))
+    seen: list[int] = []
+    real = inline.run_batch
+
+    def spy(*args: object) -> list[Message]:
+        seen.append(torch.get_num_threads())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inline, "run_batch", spy)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        replies = list(grid.send_and_receive([Message(
+            RecordDict(), dst_node_id=NODE_BASE + c, message_type="query.ping") for c in (0, 1)]))
+        assert len(replies) == 2 and seen == [1]
+        assert torch.get_num_threads() == 2  # server work after the clients: its own count
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_accounting_counts_exact_bytes_and_orders_replies() -> None:
     set_task_identity(SERVER_NODE_ID)
     down = np.zeros(10, dtype=np.float32)  # 40 bytes of data + the .npy header

@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -143,16 +144,26 @@ class BatchGrid(Grid):
 
 
 class InlineGrid(BatchGrid):
-    """Every client runs the fedkd ClientApp in this process, one message after another."""
+    """Every client runs the fedkd ClientApp in this process, one message after another.
+
+    Clients train with ``engine.threads`` torch threads, as in a client actor, and the
+    process goes back to the server's thread count (``server.threads``) when they are done.
+    """
 
     def __init__(self, world: World, source: WorldSource) -> None:
         super().__init__(world.num_clients, world)
         install_world(world)
         warm_up()  # clients train in this process: their first optimizer's imports, now
         self.app = client_app(source)
+        self.threads = source.threads
         self.batched = BatchedTrain(self.app, source) if world.scenario.engine.batched else None
 
     def _execute(self, msgs: list[Message], timeout: float | None) -> list[Message | None]:
         batch = [(m.metadata.dst_node_id - NODE_BASE, m) for m in msgs]
-        app = self.app if self.batched is None else self.batched.prepare(batch)
-        return list(run_batch(app, batch, self.num_clients))
+        server_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            app = self.app if self.batched is None else self.batched.prepare(batch)
+            return list(run_batch(app, batch, self.num_clients))
+        finally:
+            torch.set_num_threads(server_threads)
