@@ -1,7 +1,8 @@
 """Batched local training: many clients' local SGD as one vectorised step.
 
-:func:`train_group` does for a list of clients of one architecture exactly what
-:func:`fedkd.train.train_supervised` does for each of them (without ``extra_loss``), with their
+:func:`train_batched` does for a list of clients of one architecture exactly what
+:func:`fedkd.train.train_supervised` does for each of them (without ``extra_loss``), a group
+of clients at a time (:data:`CPU_GROUP` on the CPU), with their
 parameters stacked along a leading client axis and one ``torch.func.vmap`` of
 ``torch.func.grad_and_value`` over ``torch.func.functional_call`` per step:
 
@@ -106,35 +107,6 @@ def train_batched(model: nn.Module, states: Sequence[dict[str, Tensor]],
 
     Parameters
     ----------
-    model, states, datas, cfg, seeds
-        As :func:`train_group`.
-    group : int
-        Most clients in one vectorised call; 0: all of them on a GPU, :data:`CPU_GROUP` on the
-        CPU. Every client's result is the same in any grouping (up to float rounding).
-
-    Returns
-    -------
-    list[Outcome]
-        Per client, in order, as :func:`train_group`.
-    """
-    if not len(states) == len(datas) == len(seeds):
-        raise ValueError(f"{len(states)} states, {len(datas)} datasets, {len(seeds)} seeds")
-    size = group or (len(states) if device_of(model).type == "cuda" else CPU_GROUP)
-    out: list[Outcome] = []
-    for i in range(0, len(states), size):
-        out += train_group(model, states[i:i + size], datas[i:i + size], cfg,
-                           seeds[i:i + size])
-    return out
-
-
-def train_group(model: nn.Module, states: Sequence[dict[str, Tensor]],
-                datas: Sequence[tuple[Tensor, Tensor]], cfg: TrainConfig,
-                seeds: Sequence[int]) -> list[Outcome]:
-    """Train every client of one architecture at once, as :func:`~fedkd.train.train_supervised`
-    trains each.
-
-    Parameters
-    ----------
     model : nn.Module
         A model of the clients' architecture, on the device to train on (its own weights are
         not used or changed); it must pass :func:`unbatchable`.
@@ -146,6 +118,9 @@ def train_group(model: nn.Module, states: Sequence[dict[str, Tensor]],
         Optimiser and schedule, shared by all the clients.
     seeds : Sequence[int]
         Each client's batch-order seed (as given to ``train_supervised``).
+    group : int
+        Most clients in one vectorised call; 0: all of them on a GPU, :data:`CPU_GROUP` on the
+        CPU. Every client's result is the same in any grouping (up to float rounding).
 
     Returns
     -------
@@ -162,8 +137,19 @@ def train_group(model: nn.Module, states: Sequence[dict[str, Tensor]],
         raise ValueError(f"cannot train {type(model).__name__} batched: {reason}")
     if not len(states) == len(datas) == len(seeds):
         raise ValueError(f"{len(states)} states, {len(datas)} datasets, {len(seeds)} seeds")
-    if not states:
-        return []
+    size = group or (len(states) if device_of(model).type == "cuda" else CPU_GROUP)
+    out: list[Outcome] = []
+    for i in range(0, len(states), size):
+        out += _train_group(model, states[i:i + size], datas[i:i + size], cfg,
+                            seeds[i:i + size])
+    return out
+
+
+def _train_group(model: nn.Module, states: Sequence[dict[str, Tensor]],
+                 datas: Sequence[tuple[Tensor, Tensor]], cfg: TrainConfig,
+                 seeds: Sequence[int]) -> list[Outcome]:
+    """One vectorised call for a non-empty group of clients that :func:`train_batched` has
+    checked; its arguments and result as there."""
     dev = device_of(model)
     names = [name for name, _ in model.named_parameters()]
     params = {k: torch.stack([s[k] for s in states]).to(dev) for k in names}

@@ -157,14 +157,14 @@ def run_on_ray(world: World, source: WorldSource, engine: EngineConfig,
     import ray
 
     from fedkd.engine.ray_grid import RayGrid
-    from fedkd.state import ActorStateStore, StateStore, copy_store, start_state_actor
+    from fedkd.state import StateStore, copy_store, start_state_actor
 
     cpus = ray.cluster_resources().get("CPU", 1)
     actors = engine.actors or max(1, int(cpus // engine.client_resources.num_cpus))
     holder = start_state_actor(source.run_dir) if source.state_store == "actor" else None
     restored = Path(source.run_dir) / "state"  # a resumed run's checkpointed client states
     if holder is not None and restored.is_dir():
-        copy_store(StateStore(restored), ActorStateStore(source.run_dir))
+        copy_store(StateStore(restored), source.store())
         shutil.rmtree(restored)
     grid = RayGrid(world, source, actors=min(actors, world.num_clients),
                    num_cpus=engine.client_resources.num_cpus,
