@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedkd.scenario import TrainConfig
-from fedkd.train import FitResult, batch_indices, evaluate, fit, predict, train_supervised
+from fedkd.train import (
+    FitResult,
+    batch_indices,
+    cpu_layout,
+    evaluate,
+    fit,
+    predict,
+    train_supervised,
+)
 
 
 def _batches(n: int, batch_size: int, seed: int, **kw: int | None) -> list[list[int]]:
@@ -323,3 +331,58 @@ def test_fit_stops_on_a_diverged_loss() -> None:
     losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(float("nan"))])
     with pytest.raises(FloatingPointError, match="diverged.*step 1"):
         fit(model, opt, iter([torch.arange(2), torch.arange(2)]), lambda idx: next(losses))
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+def test_cpu_layout_is_channels_last_inside_and_standard_after() -> None:
+    model = _conv_net()
+    conv = model[0].weight
+    seen = []
+    x, y = torch.randn(8, 2, 6, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        seen.append(conv.is_contiguous(memory_format=torch.channels_last))
+        return F.cross_entropy(model(x[idx]), y[idx])
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # made before the block
+    fit(model, opt, iter([torch.arange(8)] * 2), step)
+    assert seen == [True, True]
+    assert model[0].weight is conv and conv.is_contiguous()  # same Parameter, standard again
+    assert not conv.is_contiguous(memory_format=torch.channels_last)
+    # predict converts too, and leaves the model as it found it
+    predict(model, x)
+    assert conv.is_contiguous()
+
+
+def test_cpu_layout_changes_results_only_by_rounding() -> None:
+    x, y = torch.randn(64, 2, 6, 6, generator=torch.Generator().manual_seed(1)), \
+        torch.arange(64) % 3
+    cfg = TrainConfig(lr=0.1, momentum=0.9, epochs=2, batch_size=16)
+    fast = _conv_net()
+    train_supervised(fast, x, y, cfg, seed=3)
+    slow = _conv_net()  # the same SGD steps by hand, standard layout throughout
+    opt = torch.optim.SGD(slow.parameters(), lr=0.1, momentum=0.9)
+    for idx in batch_indices(64, 16, torch.Generator().manual_seed(3), epochs=2):
+        opt.zero_grad()
+        F.cross_entropy(slow(x[idx]), y[idx]).backward()
+        opt.step()
+    assert slow[0].weight.is_contiguous()
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predict(fast, x), slow(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_layout_leaves_mlps_and_converted_models_alone() -> None:
+    mlp = nn.Linear(4, 2)
+    ptr = mlp.weight.data_ptr()
+    with cpu_layout(mlp):
+        assert mlp.weight.data_ptr() == ptr
+    model = _conv_net().to(memory_format=torch.channels_last)
+    with cpu_layout(model):  # an outer block converted already: nothing to restore
+        pass
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
