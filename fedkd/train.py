@@ -168,8 +168,9 @@ def warm_up() -> None:
     """Prepare this process to train clients: import what torch's first optimizer imports
     lazily (``torch._dynamo``, about 2 s on this machine), so that an engine pays it while
     starting, not inside its first round, and keep freed tensor memory in the process
-    (:func:`keep_freed_memory`). The inline grid and every Ray client actor call it; a server
-    that trains pays the import in its first round."""
+    (:func:`keep_freed_memory`, which ``simulate`` also calls for the server). The inline grid
+    and every Ray client actor call it; a server that trains pays the import in its first
+    round."""
     keep_freed_memory()
     import torch._dynamo  # noqa: F401
 

@@ -8,10 +8,12 @@ evaluation every ``eval_every`` rounds and a per-round callback for the run reco
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,6 +277,24 @@ class RoundResult:
     seconds: float
 
 
+@contextlib.contextmanager
+def frozen_startup_objects() -> Iterator[None]:
+    """Within the block, the garbage collector leaves alone every object that existed when
+    it began (``gc.freeze``), after one collection of what was already garbage.
+
+    What start-up made (the libraries' modules and functions, the world, a population's node
+    records) lives for the whole run; a full collection walked its 240,000 objects and more
+    in 0.13 to 0.19 s, several times a run, inside rounds (the first round at 100,000 clients
+    took 0.45 to 0.6 s against 0.2 s at 1,000).
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_rounds(world: World, strategy: Any, grid: Grid,
                on_round: Callable[[RoundResult], None],
                arrays: ArrayRecord | None = None, first_round: int = 1,
@@ -326,39 +346,41 @@ def run_rounds(world: World, strategy: Any, grid: Grid,
         # fedkd's grids know every node without messaging it: meet them during start-up,
         # so that the first round costs what the others do at any population size
         strategy.discover(net)
-    for rnd in range(first_round, scn.rounds + 1):
-        start = time.perf_counter()
-        try:
-            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)),
-                                                 net))
-        except BudgetExhausted as exc:
-            LOG.warning("budget exhausted; stopping before round %d: %s", rnd, exc)
-            acct.reset()
-            return RunEnd(arrays, "budget_exhausted")
-        replies = list(net.send_and_receive(msgs))
-        check_replies(rnd, replies)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        metrics: dict[str, float] = {}
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), net))
-        if eval_msgs:
-            fed = strategy.aggregate_evaluate(rnd, net.send_and_receive(eval_msgs))
-            metrics.update({k: float(v) for k, v in (fed or {}).items()
-                            if isinstance(v, int | float) and k != "num-examples"})
-        # a budgeted run may end after any round: every round is evaluated
-        if len(arrays) and (budgeted or rnd % scn.eval_every == 0 or rnd == scn.rounds):
-            metrics.update(central_evaluate(world, arrays, scn.server.eval_batch_size))
-        if budgeted:
-            metrics.update(strategy.round_metrics(rnd, acct))
-        if clock is not None:
-            metrics.update(clock.metrics(rnd))
-        on_round(RoundResult(round=rnd, arrays=arrays, train_metrics=dict(train_metrics or {}),
-                             eval_metrics=metrics, traffic=acct.reset(),
-                             seconds=time.perf_counter() - start))
-        if on_checkpoint is not None and scn.checkpoint_every and rnd % scn.checkpoint_every == 0:
-            on_checkpoint(run_state(rnd, arrays, acct, clock))
-    return RunEnd(arrays, "completed")
+    with frozen_startup_objects():
+        for rnd in range(first_round, scn.rounds + 1):
+            start = time.perf_counter()
+            try:
+                msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)),
+                                                     net))
+            except BudgetExhausted as exc:
+                LOG.warning("budget exhausted; stopping before round %d: %s", rnd, exc)
+                acct.reset()
+                return RunEnd(arrays, "budget_exhausted")
+            replies = list(net.send_and_receive(msgs))
+            check_replies(rnd, replies)
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            metrics: dict[str, float] = {}
+            eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), net))
+            if eval_msgs:
+                fed = strategy.aggregate_evaluate(rnd, net.send_and_receive(eval_msgs))
+                metrics.update({k: float(v) for k, v in (fed or {}).items()
+                                if isinstance(v, int | float) and k != "num-examples"})
+            # a budgeted run may end after any round: every round is evaluated
+            if len(arrays) and (budgeted or rnd % scn.eval_every == 0 or rnd == scn.rounds):
+                metrics.update(central_evaluate(world, arrays, scn.server.eval_batch_size))
+            if budgeted:
+                metrics.update(strategy.round_metrics(rnd, acct))
+            if clock is not None:
+                metrics.update(clock.metrics(rnd))
+            on_round(RoundResult(round=rnd, arrays=arrays, train_metrics=dict(train_metrics or {}),
+                                 eval_metrics=metrics, traffic=acct.reset(),
+                                 seconds=time.perf_counter() - start))
+            every = scn.checkpoint_every
+            if on_checkpoint is not None and every and rnd % every == 0:
+                on_checkpoint(run_state(rnd, arrays, acct, clock))
+        return RunEnd(arrays, "completed")
 
 
 def run_state(rnd: int, arrays: ArrayRecord, acct: AccountingGrid,

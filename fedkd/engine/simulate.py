@@ -38,6 +38,7 @@ from fedkd.engine.runner import run_rounds
 from fedkd.ensemble import TeacherEnsemble
 from fedkd.errors import ScenarioError
 from fedkd.scenario import EngineConfig, Scenario, dump
+from fedkd.train import keep_freed_memory
 from fedkd.world import World, install_world
 
 
@@ -248,6 +249,7 @@ def simulate(scn: Scenario, out: str | None = None, metrics_port: int | None = N
     """
     if scn.server.threads:
         torch.set_num_threads(scn.server.threads)
+    keep_freed_memory()  # the server trains too (distillation, generators)
     world, strategy = prepare(scn)  # every pre-run check, before any folder exists
     install_world(world)
     state = resume_state(Path(run_dir), strategy) if resume and run_dir else None
