@@ -112,6 +112,24 @@ def test_inline_clients_use_engine_threads_and_the_server_keeps_its_own(
         torch.set_num_threads(saved)
 
 
+def test_rounds_run_with_start_up_objects_frozen_and_the_freeze_ends_with_them(
+        tmp_path: Path) -> None:
+    import gc
+
+    from fedkd.compose import build_strategy
+    from fedkd.engine.inline import InlineGrid
+    from fedkd.engine.runner import run_rounds
+
+    scn = from_dict({**ENGINE_SCENARIO, "rounds": 2})
+    world = build_world(scn)
+    grid = InlineGrid(world, WorldSource(dump(scn), str(tmp_path)))
+    frozen: list[int] = []
+    run_rounds(world, build_strategy(scn, world), grid,
+               lambda res: frozen.append(gc.get_freeze_count()))
+    assert len(frozen) == 2 and min(frozen) > 10_000  # libraries, world, nodes: frozen
+    assert gc.get_freeze_count() == 0  # given back to the collector when the run ends
+
+
 def test_accounting_counts_exact_bytes_and_orders_replies() -> None:
     set_task_identity(SERVER_NODE_ID)
     down = np.zeros(10, dtype=np.float32)  # 40 bytes of data + the .npy header
