@@ -120,7 +120,8 @@ def test_rounds_run_with_start_up_objects_frozen_and_the_freeze_ends_with_them(
     from fedkd.engine.inline import InlineGrid
     from fedkd.engine.runner import run_rounds
 
-    scn = from_dict({**ENGINE_SCENARIO, "rounds": 2})
+    scn = from_dict({**ENGINE_SCENARIO, "rounds": 2,
+                     "clients": {"num": 6, "models": [{"arch": "mlp"}]}})
     world = build_world(scn)
     grid = InlineGrid(world, WorldSource(dump(scn), str(tmp_path)))
     frozen: list[int] = []
