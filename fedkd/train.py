@@ -9,7 +9,7 @@ standard-layout (NCHW) convolutions run 2 to 4 times slower on this project's re
 (AMD EPYC, AVX-512) for most placements of their output buffer relative to their input
 (4K aliasing between the kernel's loads and stores), so their speed changed from process to
 process with the allocator's history; channels-last kernels ran at full speed for every
-placement tried (cnn_small local update 1.25x, cnn_medium 1.75x, prediction 1.4x to 2x
+placement tried (cnn_small local update 1.2x, cnn_medium 1.75x, prediction 1.4x to 2x
 faster). Results differ from the standard layout only by float rounding.
 """
 
