@@ -24,7 +24,7 @@ from fedkd.comm import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from fedkd.data.base import TensorSplit
 from fedkd.scenario import Scenario, TrainConfig, parse_scenario
 from fedkd.state import ActorStateStore, StateStore
-from fedkd.train import evaluate, predict, scores, train_supervised
+from fedkd.train import evaluate, keep_freed_memory, predict, scores, train_supervised
 from fedkd.world import World, cached_world
 
 ClientFn = Callable[[Message, "ClientEnv"], RecordDict]
@@ -78,10 +78,13 @@ class WorldSource:
         return parse_scenario(yaml.safe_load(self.scenario_yaml))
 
     def world(self) -> World:
-        """The world, built once per process (which also pins torch's thread count)."""
+        """The world, built once per process (which also pins torch's thread count and keeps
+        freed tensor memory in the process, :func:`fedkd.train.keep_freed_memory`: this runs
+        first in every process that serves clients, on every engine)."""
         world = _WORLDS.get(self.scenario_yaml)
         if world is None:
             torch.set_num_threads(self.threads)
+            keep_freed_memory()
             world = _WORLDS[self.scenario_yaml] = cached_world(self.scenario())
         return world
 
@@ -98,7 +101,6 @@ class WorldSource:
 
 _WORLDS: dict[str, World] = {}
 _STORES: dict[tuple[str, str], StateStore | ActorStateStore] = {}
-_SKELETONS: dict[str, torch.nn.Module] = {}
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,12 @@ class ClientEnv:
         """This client's architecture loaded with ``state`` (a fresh seeded init if None)."""
         if state is None:
             return self.world.new_model(self.arch, seed=self.seed(1)).to(self.device)
-        if self.arch not in _SKELETONS:
-            _SKELETONS[self.arch] = self.world.new_model(self.arch, seed=0).to(self.device)
-        model = _SKELETONS[self.arch]
+        # one reusable model per architecture of this world (two worlds in one process may
+        # give one architecture different input shapes)
+        skeletons = self.world.__dict__.setdefault("_skeletons", {})
+        if self.arch not in skeletons:
+            skeletons[self.arch] = self.world.new_model(self.arch, seed=0).to(self.device)
+        model = skeletons[self.arch]
         model.load_state_dict(state)
         return model
 
