@@ -518,21 +518,26 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
+def device_timed(dev: Any, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` and its wall seconds on ``dev``, the work it queued on a GPU included."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
 def gemm_peak(dev: Any, n: int = 1024, repeats: int = 5) -> float:
     """This device's float32 matrix-multiply rate (FLOP/s, best of ``repeats`` n x n x n
     products at the current thread count): the most any training step can reach."""
     import torch
 
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+    best = min(device_timed(dev, lambda: a @ b)[1] for _ in range(repeats + 1))
     return 2 * n**3 / best
 
 
@@ -575,14 +580,9 @@ def child_batched_train(spec: dict[str, Any]) -> dict[str, Any]:
     states: dict[str, list[dict[str, Any]]] = {}
     for rep in range(1 + int(spec["repeats"])):
         for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            states[name] = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            states[name], seconds = device_timed(dev, fn)
             if rep:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     diff = max(float((a[key] - b[key]).abs().max())
                for a, b in zip(states["one_by_one"], states["batched"], strict=True) for key in a)
     from torch.utils.flop_counter import FlopCounterMode
