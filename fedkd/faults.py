@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 
-from fedkd.client import seed_for
+from fedkd.client import message_config, seed_for
 
 #: Flower's error code for a ClientApp that raised (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``):
 #: every failure fedkd reports as a reply (a raised handler, a lost worker, a straggler, a
@@ -55,7 +55,7 @@ def fault_mod(msg: Message, context: Context,
     kind = msg.metadata.message_type
     if not kind.startswith("train") or msg.has_error():
         return call_next(msg, context)
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = message_config(msg)
     cid = int(context.node_config.get("partition-id", 0))
     rnd = int(config.get("server-round", 0))
     if draw(config, cid, DROPOUT_DRAW) < float(config.get("dropout", 0.0)):

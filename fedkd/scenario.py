@@ -186,6 +186,8 @@ class ServerConfig:
 
     device: str = field(default="cpu", metadata=_check(lambda v: v in ("cpu", "cuda", "auto"),
                                                        "cpu, cuda or auto"))
+    #: Rows per forward pass of the central evaluation on a GPU; on the CPU at most
+    #: :data:`fedkd.train.CPU_PREDICT_ROWS` (cache-sized, the same logits).
     eval_batch_size: int = field(default=1024, metadata=_check(_positive, "an integer > 0"))
     threads: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     teacher_actors: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))

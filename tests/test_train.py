@@ -14,6 +14,7 @@ from torch import nn
 
 from fedkd.scenario import TrainConfig
 from fedkd.train import (
+    CPU_PREDICT_ROWS,
     FitResult,
     batch_indices,
     cpu_layout,
@@ -390,6 +391,21 @@ def test_cpu_layout_leaves_mlps_and_converted_models_alone() -> None:
         pass
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
 
+
+
+def test_predict_on_the_cpu_runs_cache_sized_passes_with_the_same_logits() -> None:
+    model = _conv_net().eval()
+    x = torch.randn(150, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+    rows: list[int] = []
+    model[0].register_forward_hook(lambda mod, inp, out: rows.append(len(inp[0])))
+    logits = predict(model, x, batch_size=1024)
+    assert CPU_PREDICT_ROWS == 64 and rows == [64, 64, 22]
+    with torch.no_grad(), cpu_layout(model):
+        whole = model(x)  # one pass of every row
+    assert torch.equal(logits, whole)
+    rows.clear()
+    predict(model, x, batch_size=50)  # a smaller batch size is kept
+    assert rows == [50, 50, 50]
 
 CHURN = """
 import resource, sys

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd import client
@@ -108,9 +108,8 @@ class BatchedTrain:
                 or client.CLIENT_FUNCS.get("train") is not client.train
                 or "arrays" not in msg.content.array_records):
             return None
-        config = msg.content.config_records.get("config", ConfigRecord())
         return ClientEnv(cid=cid, world=self.source.world(), store=self.source.store(),
-                         config=config)
+                         config=client.message_config(msg))
 
     def _skeleton(self, env: ClientEnv) -> torch.nn.Module | None:
         """A model of the client's architecture on its device (None when it cannot batch)."""

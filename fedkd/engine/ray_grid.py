@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from flwr.app import Error, Message
+from flwr.app import ArrayRecord, Error, Message
 
 from fedkd.client import WorldSource
 from fedkd.compose import client_app
@@ -90,10 +90,12 @@ def pack(items: list[Any]) -> list[Any] | bytes:
     size = 0
     for item in items:
         msg = item[1] if isinstance(item, tuple) else item
-        if not msg.has_content() or id(msg.content) in seen:
+        content = msg.content if msg.has_content() else None
+        if content is None or id(content) in seen:
             continue
-        seen.add(id(msg.content))
-        size += sum(len(a.data) for rec in msg.content.array_records.values()
+        seen.add(id(content))
+        # the records themselves, not ``content.array_records`` (a filtered copy per access)
+        size += sum(len(a.data) for rec in content.values() if isinstance(rec, ArrayRecord)
                     for a in rec.values())
         if size >= SMALL_BATCH_BYTES:
             return items
