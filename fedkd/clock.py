@@ -150,15 +150,22 @@ def make_clock(world: Any) -> Clock | None:
                          scn.seed + 104729)
     by_name = {p.name: Device(p.name, p.gflops, p.up_mbps, p.down_mbps, p.availability)
                for p in spec.profiles}
+    trace = read_trace(spec.trace) if spec.trace else None
+    return Clock([by_name[n] for n in names], client_train_flops(world),
+                 scn.clients.deadline_s, scn.seed, trace)
+
+
+def client_train_flops(world: Any) -> list[float]:
+    """Each client's local-training FLOPs in the scenario's training setting: one forward and
+    backward pass of one sample of its architecture, times ``steps · batch_size``, or
+    ``epochs ·`` its data size."""
     per_sample = {arch: train_flops_per_sample(world.new_model(arch, seed=0),
                                                world.data.input_shape)
                   for arch in world.groups}
-    train = scn.clients.train
-    flops = [per_sample[world.archs[c]] * (train.steps * train.batch_size if train.steps
-                                           else train.epochs * len(world.parts[c]))
-             for c in range(world.num_clients)]
-    trace = read_trace(spec.trace) if spec.trace else None
-    return Clock([by_name[n] for n in names], flops, scn.clients.deadline_s, scn.seed, trace)
+    train = world.scenario.clients.train
+    return [per_sample[arch] * (train.steps * train.batch_size if train.steps
+                                else train.epochs * len(part))
+            for arch, part in zip(world.archs, world.parts, strict=True)]
 
 
 class ClockGrid(GridWrapper):

@@ -8,8 +8,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from grids import PlainGrid
 
-from fedkd.clock import Clock, ClockGrid, Device, train_flops_per_sample
+from fedkd.clock import Clock, ClockGrid, Device, client_train_flops, train_flops_per_sample
+from fedkd.compose import from_dict
 from fedkd.engine.runner import AccountingGrid
+from fedkd.world import build_world
 from strategies.fedavg import FedAvg
 
 MODEL = ArrayRecord({"w": Array(np.zeros(1000, np.float32))})
@@ -23,6 +25,23 @@ def test_train_flops_are_forward_and_backward_per_sample() -> None:
     two = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
     assert train_flops_per_sample(two, (10,)) == 232
 
+
+
+@pytest.mark.parametrize("train", [{"epochs": 2}, {"steps": 3, "batch_size": 8}])
+def test_client_train_flops_weigh_each_clients_architecture_and_samples(train: dict) -> None:
+    world = build_world(from_dict({
+        "name": "flops", "partition": {"name": "dirichlet", "params": {"alpha": 0.3}},
+        "data": {"name": "digits"},
+        "clients": {"num": 6, "train": train,
+                    "models": [{"arch": "mlp", "fraction": 0.5},
+                               {"arch": "cnn_small", "fraction": 0.5}]}}))
+    shape = world.data.input_shape
+    per_sample = {a: train_flops_per_sample(world.new_model(a, seed=0), shape)
+                  for a in ("mlp", "cnn_small")}
+    assert per_sample["cnn_small"] > 10 * per_sample["mlp"]
+    samples = [3 * 8] * 6 if "steps" in train else [2 * len(p) for p in world.parts]
+    assert client_train_flops(world) == [per_sample[a] * n
+                                         for a, n in zip(world.archs, samples, strict=True)]
 
 def _round(clock: Clock) -> tuple[ClockGrid, AccountingGrid, list]:
     strategy = FedAvg(fraction_train=1.0, min_available_nodes=3)

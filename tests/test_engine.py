@@ -150,7 +150,8 @@ def test_accounting_counts_exact_bytes_and_orders_replies() -> None:
     assert grid.reset() == {}
 
 
-ENGINE_SCENARIO = {"name": "engine", "partition": {"name": "iid"}, "clients": {"num": 6},
+ENGINE_SCENARIO = {"name": "engine", "partition": {"name": "iid"},
+                   "clients": {"num": 6, "models": [{"arch": "mlp"}]},
                    "data": {"name": "synthetic", "params": {"train_size": 200, "test_size": 50}}}
 
 
@@ -178,6 +179,14 @@ def test_ray_grid_replies_in_order_and_errors_become_replies(ray_grid: RayGrid) 
     assert [r.metadata.src_node_id for r in replies] == [*order, ids[1]]
     assert [r.has_error() for r in replies] == [False] * 4 + [True]
     assert "nothing" in replies[-1].error.reason
+
+
+def test_ray_grid_balances_by_training_flops(ray_grid: RayGrid) -> None:
+    """Batches are balanced by each client's local-training FLOPs, not its data size alone
+    (an architecture's cost per sample differs by orders of magnitude)."""
+    from fedkd.clock import client_train_flops
+
+    assert ray_grid.costs == client_train_flops(ray_grid.world)
 
 
 def test_actors_that_cannot_be_placed_are_an_error(ray_grid: RayGrid, tmp_path: Path) -> None:

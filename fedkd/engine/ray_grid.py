@@ -1,6 +1,7 @@
 """RayGrid: a Flower ``Grid`` over a pool of Ray actors running the fedkd ClientApp.
 
-Each round's messages are grouped into ONE batch per actor (balanced by client data size)
+Each round's messages are grouped into ONE batch per actor (balanced by each client's
+local-training FLOPs: its architecture's cost per sample times the samples it trains on)
 and sent as one Ray call, instead of one call per message: at 100 trivial clients that is a
 few milliseconds per round, against ~0.3 s for Flower's own polling simulation engine. A batch
 whose arrays are small crosses as one pickle made by the sender (:func:`pack`: the C pickler,
@@ -30,6 +31,7 @@ import ray
 from flwr.app import ArrayRecord, Error, Message
 
 from fedkd.client import WorldSource
+from fedkd.clock import client_train_flops
 from fedkd.compose import client_app
 from fedkd.engine.batching import BatchedTrain
 from fedkd.engine.inline import (
@@ -140,7 +142,7 @@ class RayGrid(BatchGrid):
     def __init__(self, world: World, source: WorldSource, actors: int, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, start_timeout: float = 300.0) -> None:
         super().__init__(world.num_clients, world)
-        self.costs = [max(len(p), 1) for p in world.parts]
+        self.costs = [max(f, 1.0) for f in client_train_flops(world)]
         ref = ray.put(world)
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         self._spawn = lambda: ClientActor.options(**opts).remote(ref, source)
