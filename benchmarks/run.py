@@ -38,8 +38,9 @@ What is measured
    within 5 % of perfect two-process scaling). P1's and F1's final accuracies must agree
    within 0.02 (the same work was done).
 
-3. **Message layer.** FedAvg as in 2 (1 actor), without a codec and with fp16 both ways.
-   Target: ``C16 / C0 <= 1.05``.
+3. **Message layer.** FedAvg as in 2 (1 actor), without a codec and with fp16 both ways,
+   each run as often as the real-work configurations, in alternating order (C0 C16, then
+   C16 C0), timed rounds pooled. Target: ``C16 / C0 <= 1.05``.
 
 4. **Teacher diagnostics.** FedDF on the same data (20 % public proxy, 5 % validation,
    the default 200 distillation steps with early stopping), 1 actor, with
@@ -688,11 +689,7 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
             log(f"  median {entry['median_s']:.2f} s per round "
                 f"(timed {', '.join(f'{x:.2f}' for x in entry['timed_s'])}), "
                 f"final acc {entry['final_acc']:.4f}")
-    for name, entries in runs.items():
-        timed = [x for e in entries for x in e["timed_s"]]
-        res[name] = {**entries[-1], "timed_s": timed, "median_s": median(timed),
-                     "warmup_s": [x for e in entries for x in e["warmup_s"]],
-                     "repeats": len(entries)}
+    res.update({name: pooled(entries) for name, entries in runs.items()})
     f1 = res["F1"]["median_s"] / res["P1"]["median_s"]
     f2 = res["F2"]["median_s"] / res["P2"]["median_s"]
     acc_diff = abs(res["P1"]["final_acc"] - res["F1"]["final_acc"])
@@ -712,22 +709,38 @@ def bench_real_work(s: Settings, work: Path, log: Callable[[str], None],
     return res
 
 
+def pooled(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The timing entries of one configuration's runs as one: timed and warm-up rounds
+    pooled, their median, the last run's other fields."""
+    timed = [x for e in entries for x in e["timed_s"]]
+    return {**entries[-1], "timed_s": timed, "median_s": median(timed),
+            "warmup_s": [x for e in entries for x in e["warmup_s"]], "repeats": len(entries)}
+
+
 def run_configs(title: str, raw: dict[str, Any], names: Sequence[str], s: Settings,
-                work: Path, log: Callable[[str], None], quiet: float) -> dict[str, Any]:
+                work: Path, log: Callable[[str], None], quiet: float,
+                repeats: int = 1) -> dict[str, Any]:
     """``fedkd simulate`` of scenario ``raw`` under each of the :data:`FEDKD_CONFIGS`
-    ``names``, one after the other; their timing entries (first round a warm-up)."""
+    ``names``, one after the other, ``repeats`` times in alternating order (``names``, then
+    reversed: drift hits every configuration alike); their pooled timing entries (first
+    round of each run a warm-up)."""
     from fedkd.compose import from_dict
     from fedkd.scenario import dump
 
     yaml_path = work / f"{raw['name']}_{names[0]}.yaml"
     yaml_path.write_text(dump(from_dict(raw)))
     res: dict[str, Any] = {"scenario": raw, "warmup_rounds": 1, "timed_rounds": s.rounds - 1}
-    for name in names:
-        log(f"{title}: {name}")
-        wait_quiet(quiet, log)
-        res[name] = timing_entry(run_fedkd(name, yaml_path, work), warmup=1)
-        log(f"  median {res[name]['median_s']:.2f} s per round, "
-            f"final acc {res[name]['final_acc']:.4f}")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            log(f"{title}: {name}" + (f" ({rep + 1} of {repeats})" if repeats > 1 else ""))
+            wait_quiet(quiet, log)
+            entry = timing_entry(run_fedkd(name, yaml_path, work, tag=f"{name}_{rep}"),
+                                 warmup=1)
+            runs.setdefault(name, []).append(entry)
+            log(f"  median {entry['median_s']:.2f} s per round, "
+                f"final acc {entry['final_acc']:.4f}")
+    res.update({name: pooled(entries) for name, entries in runs.items()})
     return res
 
 
@@ -735,7 +748,8 @@ def bench_comm(s: Settings, work: Path, log: Callable[[str], None],
                quiet: float = 0.0) -> dict[str, Any]:
     """Benchmark 3: what encoding and decoding every message (fp16 both ways) adds to a
     FedAvg round on Fashion-MNIST, against the same run without a codec."""
-    res = run_configs("message layer", fmnist_scenario(s), ("C0", "C16"), s, work, log, quiet)
+    res = run_configs("message layer", fmnist_scenario(s), ("C0", "C16"), s, work, log, quiet,
+                      repeats=s.real_repeats)
     ratio = res["C16"]["median_s"] / res["C0"]["median_s"]
     res["check"] = check(COMM_TARGET, ratio,
                          detail=f"{res['C16']['median_s']:.2f} s vs {res['C0']['median_s']:.2f} "
