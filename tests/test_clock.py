@@ -26,7 +26,6 @@ def test_train_flops_are_forward_and_backward_per_sample() -> None:
     assert train_flops_per_sample(two, (10,)) == 232
 
 
-
 @pytest.mark.parametrize("train", [{"epochs": 2}, {"steps": 3, "batch_size": 8}])
 def test_client_train_flops_weigh_each_clients_architecture_and_samples(train: dict) -> None:
     world = build_world(from_dict({
@@ -42,6 +41,7 @@ def test_client_train_flops_weigh_each_clients_architecture_and_samples(train: d
     samples = [3 * 8] * 6 if "steps" in train else [2 * len(p) for p in world.parts]
     assert client_train_flops(world) == [per_sample[a] * n
                                          for a, n in zip(world.archs, samples, strict=True)]
+
 
 def _round(clock: Clock) -> tuple[ClockGrid, AccountingGrid, list]:
     strategy = FedAvg(fraction_train=1.0, min_available_nodes=3)
