@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from flwr.app import ArrayRecord, Error, Message
+from flwr.app import Error, Message
 
 from fedkd.client import WorldSource
 from fedkd.clock import client_train_flops
+from fedkd.comm import message_bytes
 from fedkd.compose import client_app
 from fedkd.engine.batching import BatchedTrain
 from fedkd.engine.inline import (
@@ -96,9 +97,7 @@ def pack(items: list[Any]) -> list[Any] | bytes:
         if content is None or id(content) in seen:
             continue
         seen.add(id(content))
-        # the records themselves, not ``content.array_records`` (a filtered copy per access)
-        size += sum(len(a.data) for rec in content.values() if isinstance(rec, ArrayRecord)
-                    for a in rec.values())
+        size += message_bytes(content)
         if size >= SMALL_BATCH_BYTES:
             return items
     return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
